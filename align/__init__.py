@@ -1,0 +1,1 @@
+"""Representation-alignment plug-ins (REPA, SRA, ERW)."""

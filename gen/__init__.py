@@ -1,0 +1,1 @@
+"""repgen's generative core: backbones, objectives, samplers."""

@@ -1,0 +1,180 @@
+"""Building blocks shared by the transformer backbones.
+
+Module and parameter names follow the official DiT/SiT/REPA code (timm's PatchEmbed, Attention and Mlp
+naming), so their checkpoints load with `load_state_dict` (spec section 1.2).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation of tokens (N, T, D) by per-sample shift/scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """MAE 1-D sin-cos embedding: frequencies 1/10000^(2i/dim), sin half then cos half, float64."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+    """MAE 2-D sin-cos position embedding for an (h, w) token grid, shape (h*w, dim), row-major tokens.
+
+    MAE quirk kept for checkpoint compatibility: the first half of the channels encodes the column
+    coordinate, the second half the row coordinate.
+    """
+    h, w = grid
+    cols, rows = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (N, T, D), a strided conv (timm's PatchEmbed layout)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, H/p * W/p, D)."""
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar time -> (N, D): 256-d sinusoidal features (cos half first, max period 1e4) -> MLP.
+
+    DiT feeds integer t in [0, 999], SiT/REPA feed t in [0, 1]; the embedder takes t as given, the
+    objective owns the units. The features are computed in float32 whatever the autocast dtype.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def frequencies(self, device=None) -> Tensor:
+        """The (frequency_size/2,) angular frequencies exp(-log(max_period) * i / half)."""
+        half = self.frequency_size // 2
+        return torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+    def features(self, t: Tensor) -> Tensor:
+        """The sinusoidal features (N, frequency_size), cos then sin."""
+        args = t.float()[:, None] * self.frequencies(t.device)[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.frequency_size % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        """(N,) -> (N, D)."""
+        return self.mlp(self.features(t))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (N, D); row `num_classes` is the null (unconditional) class.
+
+    Label dropout is not done here: the objective drops labels so every caller sees the same labels.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        """(N,) long -> (N, D)."""
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, optional per-head QK-norm."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        # REPA's qk_norm flag builds timm's Attention with an affine LayerNorm per head (eps 1e-5).
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T, D)."""
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (timm's Mlp names: fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T, D)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AdaLNBlock(nn.Module):
+    """adaLN-Zero transformer block (DiT paper, Fig. 3): gated, modulated attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """Tokens (N, T, D) conditioned on c (N, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (N, D)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (N, T, D)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then a Linear to p*p*C_out values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T, p*p*C_out)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> Tensor:
+    """Tokens (N, h*w, p*p*C) -> (N, C, h*p, w*p); within a token row the channel varies fastest."""
+    h, w = grid
+    p = patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)

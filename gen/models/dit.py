@@ -1,0 +1,129 @@
+"""The adaLN-Zero transformer of DiT (Peebles & Xie 2023) and SiT (Ma et al. 2024), one class for both.
+
+DiT and SiT share the network; they differ in what the objective feeds it (integer DDPM steps vs
+continuous flow time) and in two defaults kept from their code: DiT predicts a learned variance
+(8 output channels) and leaves the patch-conv bias at PyTorch's default init, SiT as trained by REPA
+predicts 4 channels and zeroes that bias.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gen.layers import AdaLNBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
+
+# Sizes are data (DiT paper, Table 1): depth, hidden width D, attention heads.
+SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+# Family defaults; everything here can be overridden per model.
+FAMILIES: dict[str, dict] = {
+    "DiT": dict(learn_sigma=True, zero_patch_bias=False, patches=(2, 4, 8)),
+    "SiT": dict(learn_sigma=False, zero_patch_bias=True, patches=(1, 2, 4, 8)),
+}
+
+
+class BackboneOutput(NamedTuple):
+    """Network output (None when stopped early) and the token states after the requested blocks."""
+
+    out: Tensor | None  # (N, C_out, H, W)
+    feats: dict[int, Tensor]  # block index k (1-based) -> (N, T, D)
+
+
+class Transformer(nn.Module):
+    """DiT/SiT backbone: patchify, sin-cos positions, adaLN-Zero blocks, modulated final layer."""
+
+    def __init__(
+        self,
+        *,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        qk_norm: bool = False,
+        zero_patch_bias: bool = True,
+    ):
+        super().__init__()
+        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = (h, w)
+        self.grid = (h // patch_size, w // patch_size)
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_classes = num_classes
+        self.null_class = num_classes  # explicit null id: the last row of the label table
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        num_tokens = self.grid[0] * self.grid[1]
+        # Fixed sin-cos positions, a frozen Parameter so it is in the state dict and the EMA like upstream.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [AdaLNBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights(zero_patch_bias)
+
+    def initialize_weights(self, zero_patch_bias: bool = True) -> None:
+        """DiT's init: xavier Linears, N(0, 0.02) embedders, zeroed adaLN and output layers (model outputs 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid).unsqueeze(0))
+        # The patch conv is initialised as the Linear it is (xavier over the flattened kernel).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if zero_patch_bias:
+            nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, and the output layer at 0.
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1]]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, taps=(), stop_at: int | None = None) -> BackboneOutput:
+        """Denoise `x` at time `t` for labels `y`; `feats[k]` is the token state after k blocks for k in taps.
+
+        With `stop_at=k` only the first k blocks run and `out` is None (teachers that need one feature).
+        """
+        taps = frozenset(taps)
+        last = self.depth if stop_at is None else stop_at
+        if any(k < 1 or k > self.depth for k in taps) or not 1 <= last <= self.depth:
+            raise ValueError(f"taps {sorted(taps)} / stop_at {stop_at} must lie in 1..{self.depth}")
+        if stop_at is not None and any(k > stop_at for k in taps):
+            raise ValueError(f"taps {sorted(taps)} go deeper than stop_at={stop_at}")
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        feats: dict[int, Tensor] = {}
+        for k, block in enumerate(self.blocks[:last], start=1):
+            h = block(h, c)  # (N, T, D)
+            if k in taps:
+                feats[k] = h
+        if stop_at is not None:
+            return BackboneOutput(None, feats)
+        out = self.final_layer(h, c)  # (N, T, p*p*C_out)
+        return BackboneOutput(unpatchify(out, self.grid, self.patch_size, self.out_channels), feats)

@@ -1,0 +1,1 @@
+"""Latent spaces the generative models run in."""
