@@ -1,6 +1,7 @@
 """What every training objective returns, and the per-sample mean it is built from."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +26,34 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def drop_labels(y: Tensor, prob: float, null_class: int | None) -> Tensor:
-    """Replace each label by the null class with probability `prob` (classifier-free guidance training)."""
-    if prob <= 0 or null_class is None:
+def drop_labels(y: Tensor, prob: float, null_class: int | None, drop: Tensor | None = None) -> Tensor:
+    """Replace labels by the null class where `drop` is set, or each with probability `prob` (CFG training)."""
+    if null_class is None or (drop is None and prob <= 0):
         return y
-    drop = torch.rand(y.shape[0], device=y.device) < prob
-    return torch.where(drop, torch.full_like(y, null_class), y)
+    if drop is None:
+        drop = torch.rand(y.shape[0], device=y.device) < prob
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
+class Objective(ABC):
+    """What the jobs use of every objective besides `loss` and `sample` (DESIGN.md 3.2)."""
+
+    SAMPLERS: dict  # sampler name -> implementation; names are what `sampler.sampler` takes
+    label_dropout: float
+    null_class: int | None
+
+    @abstractmethod
+    def sample_time(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """n training times in the objective's units."""
+
+    def draw(self, n: int, sample_shape, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """Every random input of `loss` for n samples (t, noise, label-drop mask) from one generator.
+
+        The trainer draws them for a whole global micro-batch and gives each process its slice, so training
+        does not depend on the number of processes.
+        """
+        device = device if device is not None else (generator.device if generator is not None else None)
+        t = self.sample_time(n, device=device, generator=generator)
+        noise = torch.randn((n, *sample_shape), generator=generator, device=device)
+        drop = torch.rand(n, generator=generator, device=device) < self.label_dropout
+        return {"t": t, "noise": noise, "drop": drop}

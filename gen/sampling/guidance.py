@@ -1,0 +1,48 @@
+"""Classifier-free guidance with a guidance interval, and the adapter from a backbone module to `model_fn`."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def with_cfg(model_fn: Callable, scale: float, null_class: int, interval: tuple[float, float] = (0.0, 1.0),
+             channels: int | None = None) -> Callable:
+    """Wrap `model_fn(x, t, y)` with classifier-free guidance u + scale * (c - u) inside the t interval.
+
+    Spec section 6: guidance applies to all latent channels unless `channels` limits it to the first `channels`
+    (the rest, e.g. DiT's variance outputs, come from the conditional branch); the batch is doubled exactly once
+    and only for samples whose t lies in [lo, hi] (REPA's guidance interval, Kynkaanniemi et al. 2024); outside it
+    only the conditional pass runs. scale == 1 is the conditional model itself.
+    """
+    if scale == 1.0:
+        return model_fn
+    lo, hi = interval
+
+    def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Guided prediction; one network call on the batch plus its in-interval unconditional copies."""
+        inside = (t >= lo) & (t <= hi)
+        if not bool(inside.any()):
+            return model_fn(x, t, y)
+        n = x.shape[0]
+        sel = slice(None) if bool(inside.all()) else inside
+        out = model_fn(torch.cat([x, x[sel]]), torch.cat([t, t[sel]]),
+                       torch.cat([y, torch.full_like(y[sel], null_class)]))
+        cond, uncond = out[:n], out[n:]
+        k = cond.shape[1] if channels is None else channels
+        result = cond.clone()
+        result[sel, :k] = uncond[:, :k] + scale * (cond[sel, :k] - uncond[:, :k])
+        return result
+
+    return guided
+
+
+def network_fn(model: nn.Module, dtype: torch.dtype | None = None) -> Callable:
+    """`model_fn(x, t, y)` for a backbone: x cast to `dtype` (None keeps x's), t as float32, returns `.out`."""
+
+    def fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Raw network output for one batch (float32 t: bf16 cannot represent DDPM's integer 999 exactly)."""
+        return model(x if dtype is None else x.to(dtype), t.to(torch.float32), y).out
+
+    return fn
