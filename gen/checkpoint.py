@@ -1,0 +1,115 @@
+"""Training checkpoints: Accelerate state plus EMA, step, data position and config, written atomically.
+
+Layout of `RUN_DIR/checkpoints/step-00050000/`: Accelerate's `save_state` files (model.safetensors,
+optimizer, GradScaler, every process's RNG states), `ema.safetensors` (also what sample.py reads),
+`train_state.json` (step, data position) and `config.yaml`. A checkpoint is written into a hidden
+temporary folder and renamed when complete, so a crash never leaves a half checkpoint that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from gen.config import Config, load_config, save_config
+
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+# Keys that must agree between a checkpoint and the config that resumes it (others, e.g. max_steps, may change).
+RESUME_KEYS = ("model", "objective", "latent", "data.name", "data.image_size", "train.global_batch_size",
+               "train.grad_accum_steps", "train.seed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with this run, with the reason and the fix."""
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_state: dict, cfg: Config,
+                    keep: int = 0) -> Path:
+    """Write the checkpoint of `step` atomically (all processes call this); returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
+                  str(tmp / "ema.safetensors"))
+        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving the same step (e.g. the final step after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_differences(saved: Config, current: Config, keys=RESUME_KEYS) -> list[str]:
+    """The dotted keys under `keys` whose values differ, formatted 'key: saved -> current'."""
+    a = _flatten(OmegaConf.to_container(OmegaConf.structured(saved)))
+    b = _flatten(OmegaConf.to_container(OmegaConf.structured(current)))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
+            if any(k == key or k.startswith(key + ".") for key in keys) and a[k] != b.get(k)]
+
+
+def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config) -> dict:
+    """Restore a checkpoint written by `save_checkpoint` after checking it belongs to this config."""
+    path = Path(path)
+    if not (path / "train_state.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.json)")
+    diffs = config_differences(load_config(path / "config.yaml"), cfg)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another config ({'; '.join(diffs)}); resume with the run's own "
+            f"config ({path / 'config.yaml'}) or choose a new train.run_dir")
+    accelerator.load_state(str(path))
+    ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device)))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def resolve_weights(path: str | Path) -> tuple[Path, Path]:
+    """(ema.safetensors, config.yaml) of a run folder (its latest checkpoint) or of a checkpoint folder."""
+    path = Path(path)
+    ckpt = path if (path / "ema.safetensors").is_file() else latest_checkpoint(path)
+    if ckpt is None or not (ckpt / "ema.safetensors").is_file() or not (ckpt / "config.yaml").is_file():
+        raise CheckpointError(f"{path} holds no checkpoint with ema.safetensors and config.yaml; pass a run folder "
+                              f"written by train.py or one of its checkpoints/step-* folders")
+    return ckpt / "ema.safetensors", ckpt / "config.yaml"

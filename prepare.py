@@ -1,0 +1,175 @@
+"""Encode a dataset into a latent cache: raw latents in fixed-size .npy shards, multi-process, resumable.
+
+    python prepare.py CONFIG [key=value ...] [--out DIR] [--shard-size N] [--batch-size N]
+    accelerate launch prepare.py configs/...yaml data.name=image_folder data.path=/data/imagenet/train \
+        latent.vae_path=/weights/sd-vae-ft-ema --out /data/cache/in256-sdvae
+
+cfg.data names the source (digits or image_folder) and cfg.latent the encoding. Shard k holds items
+[k*S, (k+1)*S) and is written by process k % world_size, each file atomically (temporary file, then rename),
+so a killed run resumes by skipping complete shards; meta.json, which makes the cache usable, comes last.
+Train on the result with data.name=latent_cache data.path=DIR and the same latent.* / data.image_size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from gen.config import ConfigError, load_config
+from gen.data import META, DataError, build_dataset, dataset_channels, labels_file, shard_file
+from latents import build_latent
+
+IN_PROGRESS = "prepare.json"
+"""The intended meta.json, written before any shard so a resumed run can check it makes the same cache."""
+
+
+def parse_args(argv=None):
+    """Command line: config file, dotted overrides, output folder and sizes."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (overrides of gen/config.py's defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.image_size=256")
+    parser.add_argument("--out", default=None, help="cache folder (default: caches/<data>-<latent>-<size>)")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="items per shard file")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch on each process")
+    return parser.parse_args(argv)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    # A killed process leaves at most a .tmp file, never a truncated shard under the final name.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _complete(out: Path, k: int, n: int, raw_shape: tuple) -> bool:
+    """Shard k exists with the expected shapes (its files were renamed into place, hence whole)."""
+    try:
+        raw = np.load(out / shard_file(k), mmap_mode="r")
+        labels = np.load(out / labels_file(k), mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return raw.shape == (n, *raw_shape) and raw.dtype == np.float32 and labels.shape == (n,) \
+        and labels.dtype == np.int64
+
+
+def build_meta(cfg, dataset, latent, shard_size: int) -> dict:
+    """What meta.json records: shapes, counts, the latent space's settings and the source."""
+    return {
+        "format": 1,
+        "raw_shape": list(latent.raw_shape),
+        "dtype": "float32",
+        "count": len(dataset),
+        "shard_size": shard_size,
+        "num_shards": math.ceil(len(dataset) / shard_size),
+        "latent": {"name": latent.name, **latent.settings()},
+        "image_size": cfg.data.image_size,
+        "channels": dataset_channels(cfg),
+        "num_classes": int(dataset.num_classes),
+        # Unflipped images (REPA trains without flips, spec section 8); build_dataset never flips.
+        "source": {"name": cfg.data.name, "path": cfg.data.path, "split": "train", "hflip": False},
+    }
+
+
+def check_out(out: Path, meta: dict) -> bool:
+    """True if `out` already holds this exact cache; raises if it holds a different one."""
+    for name in (META, IN_PROGRESS):
+        if (out / name).is_file():
+            found = json.loads((out / name).read_text())
+            if found != meta:
+                differs = sorted(k for k in meta if found.get(k) != meta[k])
+                raise DataError(f"{out / name} describes a different cache (differs in {differs}); pass another "
+                                f"--out folder or delete {out}")
+    return (out / META).is_file()
+
+
+def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_workers: int, device, bar) -> tuple:
+    """Raw latents and labels of shard k."""
+    indices = range(k * shard_size, min((k + 1) * shard_size, len(dataset)))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    raws, labels = [], []
+    for batch in loader:
+        raws.append(latent.encode_raw(batch["image"].to(device)).float().cpu().numpy())
+        labels.append(batch["label"].numpy().astype(np.int64))
+        bar.update(len(batch["label"]))
+    return np.concatenate(raws), np.concatenate(labels)
+
+
+def main(argv=None) -> None:
+    """Run the job."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.name == "latent_cache":
+        raise ConfigError("config key 'data.name': prepare.py reads images (digits or image_folder), not a cache")
+    if args.shard_size <= 0 or args.batch_size <= 0:
+        raise ConfigError("--shard-size and --batch-size must be positive")
+    out = Path(args.out or f"caches/{cfg.data.name}-{cfg.latent.name}-{cfg.data.image_size}")
+
+    accelerator = Accelerator()
+    dataset = build_dataset(cfg, "train")
+    latent = build_latent(cfg)
+    # Missing weights or a foreign cache in `out` fail here, before anything is written.
+    latent.load_weights(accelerator.device)
+    meta = build_meta(cfg, dataset, latent, args.shard_size)
+    if check_out(out, meta):
+        accelerator.print(f"{out} is already a complete cache of {meta['count']} items")
+        return
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / IN_PROGRESS, meta)
+    accelerator.wait_for_everyone()
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shards = range(rank, meta["num_shards"], world)
+
+    def size(k: int) -> int:
+        """Items in shard k (the last one is short)."""
+        return min(args.shard_size, meta["count"] - k * args.shard_size)
+
+    todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape)]
+    accelerator.print(f"{meta['num_shards']} shards of {args.shard_size} over {world} processes; process 0 "
+                      f"skips {len(shards) - len(todo)} complete, encodes {len(todo)}")
+    bar = tqdm(total=sum(size(k) for k in todo), desc=f"prepare {out.name}", unit="img",
+               disable=not accelerator.is_main_process)
+    for k in todo:
+        raw, labels = encode_shard(dataset, latent, k, args.shard_size, args.batch_size, cfg.data.num_workers,
+                                   accelerator.device, bar)
+        _write_npy(out / labels_file(k), labels)
+        _write_npy(out / shard_file(k), raw)  # the shard file last: its presence marks the shard complete
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        missing = [k for k in range(meta["num_shards"]) if not _complete(out, k, size(k), latent.raw_shape)]
+        if missing:
+            raise DataError(f"shards {missing[:5]} of {out} are missing after encoding; re-run prepare.py")
+        _write_json(out / META, meta)
+        (out / IN_PROGRESS).unlink()
+        accelerator.print(f"wrote {out}: {meta['count']} items of raw shape {tuple(meta['raw_shape'])}; train with "
+                          f"data.name=latent_cache data.path={out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        # Expected user errors: one line, no traceback.
+        print(f"prepare.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

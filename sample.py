@@ -1,0 +1,151 @@
+"""Draw samples from a trained model across processes: ADM-layout .npz, a PNG grid, optional metrics.
+
+    python sample.py runs/quickstart                                   # the run's latest checkpoint, its config
+    accelerate launch sample.py runs/sit-xl2-repa sample.num_samples=50000 sampler.cfg_scale=1.8 \
+        sampler.cfg_interval=[0,0.7] sample.labels=balanced
+
+Sample i comes from its own generator seeded by (sample.seed, i), which draws its label (random
+scheme), its initial noise and every SDE/DDPM noise it needs: the output is the same for any number of
+processes and any batch size. Writes `arr_0` (uint8 N x H x W x 3) and `arr_1` (labels), plus a JSON
+record of the protocol (sampler, guidance, label scheme, rounding) next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from numpy.lib.format import open_memmap
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from gen.checkpoint import CheckpointError, resolve_weights
+from gen.config import Config, ConfigError, load_config, to_yaml
+from gen.eval import SAMPLE_METRICS
+from gen.factory import build_backbone, build_objective
+from gen.logging import save_grid
+from gen.sampling.generate import generate
+from gen.sampling.noise import randn, sample_generators
+from latents import build_latent
+
+
+def sample_labels(cfg: Config) -> np.ndarray:
+    """Labels of all samples in global index order: uniform random (seeded) or balanced (i mod K)."""
+    n, k = cfg.sample.num_samples, cfg.model.num_classes
+    if cfg.sample.labels == "balanced":
+        return np.arange(n, dtype=np.int64) % k
+    g = torch.Generator().manual_seed(cfg.sample.seed)
+    return torch.randint(0, k, (n,), generator=g).numpy().astype(np.int64)
+
+
+def default_name(cfg: Config) -> str:
+    """A file name recording the sampling protocol."""
+    s, c = cfg.sampler, cfg.sample
+    lo, hi = s.cfg_interval
+    return (f"{s.sampler}{s.num_steps}-cfg{s.cfg_scale:g}-int{lo:g}-{hi:g}-{c.labels}-{c.rounding}"
+            f"-n{c.num_samples}-seed{c.seed}")
+
+
+def load_model(cfg: Config, ema_path: Path, latent, device) -> torch.nn.Module:
+    """The configured backbone with the checkpoint's EMA weights, or one clear error when they do not fit."""
+    model = build_backbone(cfg, latent.shape)
+    try:
+        model.load_state_dict(load_file(str(ema_path)), strict=True)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{ema_path} does not fit the configured model ({cfg.model.name}): {detail}. Do not "
+                              f"override model.* keys when sampling; the run's config.yaml describes the model") from None
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command-line entry point; returns the .npz path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", help="run folder (its latest checkpoint) or a checkpoints/step-* folder")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
+    args = parser.parse_args(argv)
+    try:
+        ema_path, cfg_path = resolve_weights(args.weights)
+        cfg = load_config(cfg_path, args.overrides)
+    except (ConfigError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    unknown = [m for m in cfg.sample.metrics if m not in SAMPLE_METRICS]
+    if unknown:
+        sys.exit(f"error: config key 'sample.metrics': unknown {unknown}; one of {sorted(SAMPLE_METRICS)}")
+
+    accelerator = Accelerator()
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    latent = build_latent(cfg).load_weights(device)  # a missing VAE fails before anything is written
+    s = cfg.sample
+    out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
+    tmp_dir = out.parent / f".tmp-{out.stem}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    model = load_model(cfg, ema_path, latent, device)
+    objective = build_objective(cfg, model)
+    labels = sample_labels(cfg)
+    mine = np.arange(rank, s.num_samples, world)  # this process's global indices
+    part = None
+    bar = tqdm(total=len(mine), disable=not accelerator.is_main_process, desc="sample")
+    for start in range(0, len(mine), s.batch_per_process):
+        idx = mine[start:start + s.batch_per_process]
+        gens = sample_generators(s.seed, idx, device)
+        noise = randn((len(idx), *latent.shape), gens, device=device)
+        y = torch.as_tensor(labels[idx], device=device)
+        images = generate(model, objective, latent, y, noise, cfg.sampler, generator=gens, rounding=s.rounding)
+        images = images.permute(0, 2, 3, 1).cpu().numpy()  # NHWC, as the ADM evaluator reads it
+        if part is None:
+            part = open_memmap(tmp_dir / f"part-{rank}.npy", mode="w+", dtype=np.uint8,
+                               shape=(len(mine), *images.shape[1:]))
+        part[start:start + len(idx)] = images
+        bar.update(len(idx))
+    bar.close()
+    if part is not None:
+        part.flush()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_outputs(cfg, out, tmp_dir, world, labels, ema_path)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path) -> None:
+    """Interleave the processes' parts into global index order, write .npz (atomically), grid, metrics, record."""
+    parts = [np.load(tmp_dir / f"part-{r}.npy", mmap_mode="r") for r in range(world) if r < cfg.sample.num_samples]
+    full = open_memmap(tmp_dir / "all.npy", mode="w+", dtype=np.uint8, shape=(cfg.sample.num_samples, *parts[0].shape[1:]))
+    for r, part in enumerate(parts):
+        full[r::world] = part  # process r drew indices r, r + world, ...
+    full.flush()
+    tmp_npz = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp_npz, arr_0=full, arr_1=labels)
+    os.replace(tmp_npz, out)
+    images = torch.from_numpy(np.asarray(full[:cfg.sample.grid_num])).permute(0, 3, 1, 2)
+    grid = save_grid(images, out.with_suffix(".png"))
+    record = {"npz": str(out), "grid": str(grid), "checkpoint": str(ema_path.parent), "num_samples": len(full),
+              "labels": cfg.sample.labels, "rounding": cfg.sample.rounding, "seed": cfg.sample.seed,
+              "sampler": {"sampler": cfg.sampler.sampler, "num_steps": cfg.sampler.num_steps,
+                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval)}}
+    for name in cfg.sample.metrics:
+        all_images = torch.from_numpy(np.asarray(full)).permute(0, 3, 1, 2)
+        record[name] = SAMPLE_METRICS[name](all_images, torch.from_numpy(labels), cfg)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    if cfg.sample.metrics:
+        metrics_path = out.parent / "metrics.json"
+        metrics_path.write_text(json.dumps({k: record[k] for k in cfg.sample.metrics} | {"protocol": record}, indent=1))
+        print(json.dumps({k: record[k] for k in cfg.sample.metrics}, indent=1))
+    (out.parent / f"{out.stem}.config.yaml").write_text(to_yaml(cfg))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"wrote {out} ({len(full)} samples), grid {grid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""train.py: exact resume, atomic checkpoints, the NaN guard, config mismatch, 1 vs 2 processes, cache vs online."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, run_job
+from latent_helpers import save_tiny_vae
+from PIL import Image
+from safetensors.torch import load_file
+
+import gen.checkpoint
+import train as train_job
+from gen.checkpoint import CheckpointError, latest_checkpoint
+from gen.config import load_config
+from gen.objectives.flow import FlowObjective
+
+# A tiny SiT on 8 px digits (2 x 2 tokens); 256 images a step, so 5 steps make an epoch of the 1437 digits.
+TINY = ["model.name=SiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
+        "train.global_batch_size=256", "train.lr=1e-3", "train.ema_decay=0.9", "log.tracker=none",
+        "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0"]
+
+
+def tiny(run_dir, *extra):
+    return load_config(REPO / "configs" / "quickstart.yaml", [*TINY, f"train.run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def final_state(ckpt):
+    model = load_file(str(ckpt / "model.safetensors"))
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    return model, ema, opt
+
+
+def assert_bitwise_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bitwise_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bitwise_equal(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """2N steps straight and N steps + --resume + N steps give bitwise-equal model, EMA and optimizer (epoch crossed)."""
+    straight = train_job.train(tiny(tmp_path / "a", "train.max_steps=8", "train.ckpt_every_steps=4"))
+    train_job.train(tiny(tmp_path / "b", "train.max_steps=4", "train.ckpt_every_steps=4"))
+    resumed = train_job.train(tiny(tmp_path / "b", "train.max_steps=8", "train.ckpt_every_steps=4"), resume=True)
+    assert straight.name == resumed.name == "step-00000008"
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    state = json.loads((resumed / "train_state.json").read_text())
+    assert state["step"] == 8 and state["data_position"] == {"epoch": 1, "step_in_epoch": 3}
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save, calls = gen.checkpoint.save_file, []
+
+    def dies_on_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("simulated crash while writing ema.safetensors")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(gen.checkpoint, "save_file", dies_on_second_save)
+    cfg = tiny(tmp_path / "run", "train.max_steps=4", "train.ckpt_every_steps=2")
+    with pytest.raises(OSError, match="simulated"):
+        train_job.train(cfg)
+    assert latest_checkpoint(cfg.train.run_dir).name == "step-00000002"
+    assert (tmp_path / "run" / "checkpoints" / ".tmp-step-00000004").is_dir()  # never taken for a checkpoint
+    monkeypatch.setattr(gen.checkpoint, "save_file", real_save)
+    last = train_job.train(cfg, resume=True)
+    assert last.name == "step-00000004"
+    assert not (tmp_path / "run" / "checkpoints" / ".tmp-step-00000004").exists()
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = FlowObjective.loss, []
+
+    def poisoned(self, *args, **kwargs):
+        out = real_loss(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:  # the step with index 3
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(FlowObjective, "loss", poisoned)
+    cfg = tiny(tmp_path / "run", "train.max_steps=6", "train.ckpt_every_steps=2")
+    with pytest.raises(train_job.NonFiniteLoss, match=r"step 3, micro-batch 0.*step-00000002"):
+        train_job.train(cfg)
+    assert latest_checkpoint(cfg.train.run_dir).name == "step-00000002"
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=1"))
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: 32 -> 64"):
+        train_job.train(tiny(tmp_path / "run", "train.max_steps=2", "model.hidden_size=64"), resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_job.train(tiny(tmp_path / "run", "train.max_steps=2"))
+
+
+def test_two_processes_match_one(tmp_path):
+    """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order."""
+    runs = {}
+    for processes in (1, 2):
+        run = tmp_path / f"p{processes}"
+        args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.depth=1"]
+        result = run_job("train.py", args, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{processes} process(es)" in result.stdout + result.stderr
+        runs[processes] = run
+    loss = {p: [json.loads(x)["loss"] for x in (r / "logs" / "scalars.jsonl").read_text().splitlines()]
+            for p, r in runs.items()}
+    np.testing.assert_allclose(loss[1], loss[2], rtol=1e-5)
+    w1, w2 = (load_file(str(latest_checkpoint(r) / "model.safetensors")) for r in runs.values())
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+
+
+def _image_folder(root, n_per_class=8, size=40):
+    """Small RGB crops of scikit-learn's bundled photos in two class folders."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    for c, photo in enumerate(photos):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            crop = photo[i * 30:i * 30 + size, i * 40:i * 40 + size]
+            Image.fromarray(crop).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_latent_cache_training_equals_online_encoding(tmp_path):
+    """prepare.py's cache + training == online encoding, given the same posterior noise (tiny random VAE)."""
+    vae, images = save_tiny_vae(tmp_path / "vae"), _image_folder(tmp_path / "images")
+    common = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+              "model.num_classes=2", "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}",
+              "train.global_batch_size=8", "log.tracker=none", "log.preview_every_steps=0", "data.num_workers=0",
+              "train.max_steps=3"]
+    online = train_job.train(load_config(None, [*common, "data.name=image_folder", f"data.path={images}",
+                                                f"train.run_dir={tmp_path / 'online'}"]))
+    result = run_job("prepare.py", ["configs/quickstart.yaml", *common, "data.name=image_folder",
+                                    f"data.path={images}", "--out", tmp_path / "cache"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    cached = train_job.train(load_config(None, [*common, "data.name=latent_cache", f"data.path={tmp_path / 'cache'}",
+                                                f"train.run_dir={tmp_path / 'cached'}"]))
+    a, b = load_file(str(online / "model.safetensors")), load_file(str(cached / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_vae_fails_before_writing(tmp_path):
+    cfg = tiny(tmp_path / "run", "latent.name=sd-vae", f"latent.vae_path={tmp_path / 'no-vae'}",
+               "data.name=digits", "data.image_size=16")
+    with pytest.raises(FileNotFoundError, match="latent.vae_path"):
+        train_job.train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,215 @@
+"""Train a DiT/SiT backbone under Hugging Face Accelerate.
+
+    python train.py configs/quickstart.yaml                       # CPU, one process
+    accelerate launch train.py configs/sit_xl2.yaml data.path=...  # 1..N GPUs, 1..M nodes
+    python train.py configs/quickstart.yaml --resume              # continue the exact trajectory
+    python train.py --help-config                                 # every config key with its meaning
+
+Randomness (time, noise, label dropout, posterior samples, flips) is drawn for the whole global
+micro-batch from a generator seeded by (seed, step, micro-step) and each process takes its slice, so a
+run does not depend on the number of processes and a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from gen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gen.config import Config, ConfigError, describe, load_config, save_config
+from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
+from gen.ema import EMA
+from gen.factory import build_backbone, build_objective, rank_slice, step_generator
+from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
+from gen.sampling.generate import generate
+from latents import build_latent
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """CONFIG.yaml (optional) followed by dotted key=value overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.run_dir")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    ns = parser.parse_args(argv)
+    ns.config = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    ns.overrides = ns.args[1:] if ns.config else ns.args
+    return ns
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, fused kernels where the device supports them."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a device without fused AdamW kernels
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def to_model_inputs(batch: dict, latent, g: torch.Generator, rank: int, n: int, global_n: int, hflip: bool,
+                    device) -> torch.Tensor:
+    """A micro-batch -> model-space x0: online encoding of images or a cached raw latent, then a posterior sample."""
+    if "raw" in batch:
+        raw = batch["raw"].to(device, non_blocking=True)
+    else:
+        images = batch["image"].to(device, non_blocking=True)
+        if hflip:
+            flip = rank_slice(torch.rand(global_n, generator=g, device=device) < 0.5, rank, n)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        raw = latent.encode_raw(images)
+    eps = rank_slice(torch.randn((global_n, *latent.shape), generator=g, device=device), rank, n)
+    return latent.to_model(raw, noise=eps)
+
+
+def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) -> None:
+    """EMA samples for fixed noise and labels, as a PNG grid (and in TensorBoard)."""
+    if not accelerator.is_main_process:
+        return
+    n = cfg.log.preview_num
+    g = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
+    noise = torch.randn((n, *latent.shape), generator=g, device=accelerator.device)
+    labels = torch.arange(n, device=accelerator.device) % cfg.model.num_classes
+    images = generate(ema.model, objective, latent, labels, noise, cfg.sampler, generator=g)
+    path = save_grid(images, Path(cfg.train.run_dir) / "previews" / f"step-{step:08d}.png")
+    if cfg.log.tracker == "tensorboard":
+        accelerator.get_tracker("tensorboard").log_images({"preview": make_grid(images)}, step=step,
+                                                          dataformats="HWC")
+    tqdm.write(f"preview: {path}")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Run (or continue) training as configured; returns the last checkpoint's folder."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    per_step = world * t.grad_accum_steps
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
+                          f"{world} processes x {t.grad_accum_steps} accumulation steps")
+    n, global_n = t.global_batch_size // per_step, t.global_batch_size // t.grad_accum_steps
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; drop --resume to start anew")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new "
+                              f"train.run_dir")
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
+
+    latent = build_latent(cfg)
+    dataset = build_dataset(cfg, split="train")
+    if cfg.log.preview_every_steps or not isinstance(dataset, LatentCacheDataset):
+        latent.load_weights(device)  # a missing VAE fails here, before anything is written
+    torch.manual_seed(t.seed)  # identical initialisation on every process
+    model = build_backbone(cfg, latent.shape).to(device)
+    ema = EMA(model, t.ema_decay)
+    objective = build_objective(cfg, model)
+    optimizer = make_optimizer(model, cfg)
+    train_model = torch.compile(model) if t.compile else model
+    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+
+    state = {"step": 0}
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, ema, cfg)
+        accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    elif accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.log.tracker != "none":
+        accelerator.init_trackers("train")
+    step = state["step"]
+
+    sampler = DistributedBatchSampler(len(dataset), t.global_batch_size, world, rank, t.grad_accum_steps, t.seed)
+    sampler.load_state_dict(sampler.position(step))
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+    meters = RunningMeans()
+    first_bad = torch.full((), -1.0, device=device)  # first non-finite (step * accum + micro), kept on device
+    last_ckpt = ckpt
+    bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
+                      f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
+    while step < t.max_steps:
+        for micro in range(t.grad_accum_steps):
+            batch = next(batches)
+            g = step_generator(t.seed, step, micro, device)
+            with accelerator.accumulate(train_model):
+                x0 = to_model_inputs(batch, latent, g, rank, n, global_n, cfg.data.hflip, device)
+                y = batch["label"].to(device, non_blocking=True)
+                draws = {k: rank_slice(v, rank, n) for k, v in objective.draw(global_n, x0.shape[1:], g).items()}
+                out = objective.loss(train_model, x0, y, **draws)
+                loss = out.loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(train_model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            meters.add("loss", out.loss)
+            for name, values in out.logs.items():
+                meters.add(name, values)
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
+            first_bad = torch.where(bad, float(step * t.grad_accum_steps + micro), first_bad)
+        ema.update(model)
+        step += 1
+        bar.update(1)
+        must_save = step % t.ckpt_every_steps == 0 or step == t.max_steps
+        if step % cfg.log.every_steps == 0 or must_save:
+            meters.add("_first_bad", first_bad.view(1) + 1)  # rides on the same all-reduce as the losses
+            logs = meters.pop(lambda x: accelerator.reduce(x, reduction="sum"))
+            if logs.pop("_first_bad") > 0:
+                bad_at = int(accelerator.reduce(first_bad.clone(), reduction="max").item())
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {bad_at // t.grad_accum_steps}, micro-batch "
+                    f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
+                    f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
+                    f"train.mixed_precision=bf16, then resume from that checkpoint.")
+            if cfg.log.tracker != "none":
+                accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                append_jsonl(run_dir / "logs" / "scalars.jsonl", {"step": step, **logs})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if must_save:
+            last_ckpt = save_checkpoint(accelerator, run_dir, step, ema,
+                                        {"data_position": sampler.position(step)}, cfg, keep=t.keep_checkpoints)
+        if cfg.log.preview_every_steps and (step % cfg.log.preview_every_steps == 0 or step == t.max_steps):
+            preview(accelerator, ema, objective, latent, cfg, step)
+            accelerator.wait_for_everyone()
+    bar.close()
+    accelerator.end_training()
+    return last_ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
