@@ -5,9 +5,9 @@
     python train.py configs/quickstart.yaml --resume              # continue the exact trajectory
     python train.py --help-config                                 # every config key with its meaning
 
-Randomness (time, noise, label dropout, posterior samples, flips) is drawn for the whole global
-micro-batch from a generator seeded by (seed, step, micro-step) and each process takes its slice, so a
-run does not depend on the number of processes and a resumed run continues bit for bit.
+Randomness (time, noise, label dropout, posterior samples, flips) is drawn for the whole global batch
+from a generator seeded by (seed, step) and each process takes its slice of each micro-step, so a run
+does not depend on the number of processes or accumulation steps, and a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from gen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
-from gen.factory import build_backbone, build_objective, rank_slice, step_generator
+from gen.factory import build_backbone, build_objective, micro_slice, step_draws
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
 from gen.sampling.generate import generate
 from latents import build_latent
@@ -58,19 +58,17 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def to_model_inputs(batch: dict, latent, g: torch.Generator, rank: int, n: int, global_n: int, hflip: bool,
-                    device) -> torch.Tensor:
-    """A micro-batch -> model-space x0: online encoding of images or a cached raw latent, then a posterior sample."""
+def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None, device) -> torch.Tensor:
+    """A micro-batch -> model-space x0: online encoding of (flipped) images or a cached raw latent, then a posterior
+    sample with the given noise."""
     if "raw" in batch:
         raw = batch["raw"].to(device, non_blocking=True)
     else:
         images = batch["image"].to(device, non_blocking=True)
-        if hflip:
-            flip = rank_slice(torch.rand(global_n, generator=g, device=device) < 0.5, rank, n)
+        if flip is not None:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         raw = latent.encode_raw(images)
-    eps = rank_slice(torch.randn((global_n, *latent.shape), generator=g, device=device), rank, n)
-    return latent.to_model(raw, noise=eps)
+    return latent.to_model(raw, noise=posterior)
 
 
 def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) -> None:
@@ -104,7 +102,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if t.global_batch_size % per_step:
         raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
                           f"{world} processes x {t.grad_accum_steps} accumulation steps")
-    n, global_n = t.global_batch_size // per_step, t.global_batch_size // t.grad_accum_steps
+    n = t.global_batch_size // per_step  # images per micro-batch on each process
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; drop --resume to start anew")
@@ -149,13 +147,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
                       f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
     while step < t.max_steps:
+        step_random = step_draws(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
-            g = step_generator(t.seed, step, micro, device)
+            draws = micro_slice(step_random, micro, rank, world, n)
             with accelerator.accumulate(train_model):
-                x0 = to_model_inputs(batch, latent, g, rank, n, global_n, cfg.data.hflip, device)
+                x0 = to_model_inputs(batch, latent, draws.pop("posterior"), draws.pop("flip", None), device)
                 y = batch["label"].to(device, non_blocking=True)
-                draws = {k: rank_slice(v, rank, n) for k, v in objective.draw(global_n, x0.shape[1:], g).items()}
                 out = objective.loss(train_model, x0, y, **draws)
                 loss = out.loss.mean()
                 accelerator.backward(loss)

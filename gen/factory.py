@@ -25,13 +25,24 @@ def build_objective(cfg: Config, model: nn.Module):
     return OBJECTIVES[cfg.objective.name].from_config(cfg.objective, model)
 
 
-def step_generator(seed: int, step: int, micro: int, device: torch.device | str) -> torch.Generator:
-    """A generator for one micro-step, identical on every process (so draws do not depend on world size)."""
+def step_draws(objective, latent, global_batch_size: int, seed: int, step: int, hflip: bool,
+               device) -> dict[str, Tensor]:
+    """Every random input of one optimizer step for the whole global batch, from a generator seeded by (seed, step).
+
+    Time, noise and label-drop mask (the objective's), the latent posterior noise and the flip mask. Each process
+    takes its slice of each micro-step (`micro_slice`), so a run does not depend on the number of processes nor on
+    how the global batch is split into accumulation steps.
+    """
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 4_099 + micro)
-    return g
+    g.manual_seed(seed * 1_000_003 + step)
+    draws = objective.draw(global_batch_size, latent.shape, g)
+    draws["posterior"] = torch.randn((global_batch_size, *latent.shape), generator=g, device=device)
+    if hflip:
+        draws["flip"] = torch.rand(global_batch_size, generator=g, device=device) < 0.5
+    return draws
 
 
-def rank_slice(t: Tensor, rank: int, per_process: int) -> Tensor:
-    """This process's contiguous part of a tensor drawn for the whole global micro-batch."""
-    return t[rank * per_process:(rank + 1) * per_process]
+def micro_slice(draws: dict[str, Tensor], micro: int, rank: int, world: int, per_process: int) -> dict[str, Tensor]:
+    """This process's part of micro-step `micro`, in gen.data.DistributedBatchSampler's layout of a global batch."""
+    start = (micro * world + rank) * per_process
+    return {k: v[start:start + per_process] for k, v in draws.items()}

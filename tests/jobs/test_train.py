@@ -134,6 +134,18 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Same global batch as 1 x 256 and as 4 accumulated micro-batches of 64: same losses and weights."""
+    big = train_job.train(tiny(tmp_path / "big", "train.max_steps=3"))
+    acc = train_job.train(tiny(tmp_path / "acc", "train.max_steps=3", "train.grad_accum_steps=4"))
+    loss = [[json.loads(x)["loss"] for x in (tmp_path / r / "logs" / "scalars.jsonl").read_text().splitlines()]
+            for r in ("big", "acc")]
+    np.testing.assert_allclose(loss[0], loss[1], rtol=1e-5)
+    a, b = load_file(str(big / "model.safetensors")), load_file(str(acc / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def _image_folder(root, n_per_class=8, size=40):
     """Small RGB crops of scikit-learn's bundled photos in two class folders."""
     from sklearn.datasets import load_sample_images
