@@ -44,6 +44,11 @@ class LatentSpace(ABC):
     raw_shape: tuple[int, ...] = ()
     """Per-sample shape of encode_raw's output, i.e. what a cache stores, e.g. (8, 32, 32)."""
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg) -> LatentSpace:
+        """The latent space a gen.config.Config describes (weights stay unloaded)."""
+
     @abstractmethod
     def encode_raw(self, images: Tensor) -> Tensor:
         """Deterministic, cacheable encoding of uint8 images (N, C, H, W) -> float32 (N, *raw_shape)."""

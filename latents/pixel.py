@@ -19,6 +19,13 @@ class PixelSpace(LatentSpace):
         self.shape = (self.channels, self.image_size, self.image_size)
         self.raw_shape = self.shape
 
+    @classmethod
+    def from_config(cls, cfg) -> PixelSpace:
+        """Channels from the configured dataset (digits 1, image folders 3), size from cfg.data.image_size."""
+        from gen.data import dataset_channels  # lazy: gen.data builds latents for cache checks
+
+        return cls(dataset_channels(cfg), cfg.data.image_size)
+
     def encode_raw(self, images: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> float32 in [-1, 1]."""
         if tuple(images.shape[1:]) != self.shape:

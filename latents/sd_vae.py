@@ -44,6 +44,11 @@ class SDVAE(LatentSpace):
         self.raw_shape = (2 * LATENT_CHANNELS, side, side)
         self._vae = None
 
+    @classmethod
+    def from_config(cls, cfg) -> SDVAE:
+        """From cfg.latent (weights path, scale) and cfg.data.image_size; the weights stay unloaded."""
+        return cls(cfg.latent.vae_path, cfg.data.image_size, scale=cfg.latent.scale)
+
     # -- weights -------------------------------------------------------------------------------
 
     def load_weights(self, device: torch.device | str = "cpu") -> SDVAE:
