@@ -1,8 +1,10 @@
-"""Draw samples from a trained model across processes: ADM-layout .npz, a PNG grid, optional metrics.
+r"""Draw samples from a trained model across processes: ADM-layout .npz, a PNG grid, optional metrics.
 
     python sample.py runs/quickstart                                   # the run's latest checkpoint, its config
-    accelerate launch sample.py runs/sit-xl2-repa sample.num_samples=50000 sampler.cfg_scale=1.8 \
-        sampler.cfg_interval=[0,0.7] sample.labels=balanced
+    accelerate launch --multi_gpu --num_processes 8 sample.py runs/sit-xl2 sample.num_samples=50000 \
+        sampler.cfg_scale=1.8 sampler.cfg_interval=[0,0.7] sample.labels=balanced
+    ... sample.metrics=[adm] eval.reference=VIRTUAL_imagenet256_labeled.npz eval.inception_weights=...pth \
+        sample.write_images=false                                      # FID/sFID/IS/P-R streamed, no file
 
 Sample i comes from its own generator seeded by (sample.seed, i), which draws its label (random
 scheme), its initial noise and every SDE/DDPM noise it needs: the output is the same for any number of
@@ -27,21 +29,12 @@ from tqdm import tqdm
 
 from gen.checkpoint import CheckpointError, resolve_weights
 from gen.config import Config, ConfigError, load_config, to_yaml
-from gen.eval import SAMPLE_METRICS
+from gen.eval import SAMPLE_METRICS, split_sample_metrics
+from gen.eval.metrics import MetricSuite
 from gen.factory import build_backbone, build_objective
 from gen.logging import save_grid
-from gen.sampling.generate import generate
-from gen.sampling.noise import randn, sample_generators
+from gen.sampling.generate import generate_indexed, sample_labels
 from latents import build_latent
-
-
-def sample_labels(cfg: Config) -> np.ndarray:
-    """Labels of all samples in global index order: uniform random (seeded) or balanced (i mod K)."""
-    n, k = cfg.sample.num_samples, cfg.model.num_classes
-    if cfg.sample.labels == "balanced":
-        return np.arange(n, dtype=np.int64) % k
-    g = torch.Generator().manual_seed(cfg.sample.seed)
-    return torch.randint(0, k, (n,), generator=g).numpy().astype(np.int64)
 
 
 def default_name(cfg: Config) -> str:
@@ -73,15 +66,14 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         ema_path, cfg_path = resolve_weights(args.weights)
         cfg = load_config(cfg_path, args.overrides)
+        streamed, after = split_sample_metrics(cfg.sample.metrics)
     except (ConfigError, CheckpointError) as err:
         sys.exit(f"error: {err}")
-    unknown = [m for m in cfg.sample.metrics if m not in SAMPLE_METRICS]
-    if unknown:
-        sys.exit(f"error: config key 'sample.metrics': unknown {unknown}; one of {sorted(SAMPLE_METRICS)}")
 
     accelerator = Accelerator()
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     latent = build_latent(cfg).load_weights(device)  # a missing VAE fails before anything is written
+    suite = MetricSuite(streamed, cfg.eval, device) if streamed else None  # so does a missing Inception file
     s = cfg.sample
     out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
     tmp_dir = out.parent / f".tmp-{out.stem}"
@@ -92,34 +84,56 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = load_model(cfg, ema_path, latent, device)
     objective = build_objective(cfg, model)
-    labels = sample_labels(cfg)
+    labels = sample_labels(s.num_samples, cfg.model.num_classes, s.labels, s.seed)
     mine = np.arange(rank, s.num_samples, world)  # this process's global indices
-    part = None
+    part, written = None, 0
     bar = tqdm(total=len(mine), disable=not accelerator.is_main_process, desc="sample")
-    for start in range(0, len(mine), s.batch_per_process):
-        idx = mine[start:start + s.batch_per_process]
-        gens = sample_generators(s.seed, idx, device)
-        noise = randn((len(idx), *latent.shape), gens, device=device)
-        y = torch.as_tensor(labels[idx], device=device)
-        images = generate(model, objective, latent, y, noise, cfg.sampler, generator=gens, rounding=s.rounding)
+    batches = generate_indexed(model, objective, latent, cfg.sampler, labels, mine, s.seed, s.batch_per_process,
+                               s.rounding, device)
+    for idx, images in batches:
+        if suite is not None:
+            suite.update(images, torch.as_tensor(idx))
+        bar.update(len(idx))
+        if not s.write_images:
+            continue
         images = images.permute(0, 2, 3, 1).cpu().numpy()  # NHWC, as the ADM evaluator reads it
         if part is None:
             part = open_memmap(tmp_dir / f"part-{rank}.npy", mode="w+", dtype=np.uint8,
                                shape=(len(mine), *images.shape[1:]))
-        part[start:start + len(idx)] = images
-        bar.update(len(idx))
+        part[written:written + len(idx)] = images
+        written += len(idx)
     bar.close()
     if part is not None:
         part.flush()
+    scores = {"metrics": suite.compute(), "metrics_protocol": suite.protocol()} if suite is not None else {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_outputs(cfg, out, tmp_dir, world, labels, ema_path)
+        write_outputs(cfg, out, tmp_dir, world, labels, ema_path, scores, after)
     accelerator.wait_for_everyone()
     return out
 
 
-def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path) -> None:
+def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path,
+                  scores: dict, after: list[str]) -> None:
     """Interleave the processes' parts into global index order, write .npz (atomically), grid, metrics, record."""
+    record = {"checkpoint": str(ema_path.parent), "num_samples": cfg.sample.num_samples,
+              "labels": cfg.sample.labels, "rounding": cfg.sample.rounding, "seed": cfg.sample.seed,
+              "sampler": {"sampler": cfg.sampler.sampler, "num_steps": cfg.sampler.num_steps,
+                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval)},
+              **scores}
+    if cfg.sample.write_images:
+        record.update(write_images(cfg, out, tmp_dir, world, labels, after))
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    measured = {k: record[k] for k in ("metrics", *after) if k in record}
+    if measured:
+        (out.parent / "metrics.json").write_text(json.dumps({**measured, "protocol": record}, indent=1))
+        print(json.dumps(measured, indent=1))
+    (out.parent / f"{out.stem}.config.yaml").write_text(to_yaml(cfg))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_images(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, after: list[str]) -> dict:
+    """The .npz in global index order, the grid, and the SAMPLE_METRICS computed on all images."""
     parts = [np.load(tmp_dir / f"part-{r}.npy", mmap_mode="r") for r in range(world) if r < cfg.sample.num_samples]
     full = open_memmap(tmp_dir / "all.npy", mode="w+", dtype=np.uint8, shape=(cfg.sample.num_samples, *parts[0].shape[1:]))
     for r, part in enumerate(parts):
@@ -130,21 +144,12 @@ def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.
     os.replace(tmp_npz, out)
     images = torch.from_numpy(np.asarray(full[:cfg.sample.grid_num])).permute(0, 3, 1, 2)
     grid = save_grid(images, out.with_suffix(".png"))
-    record = {"npz": str(out), "grid": str(grid), "checkpoint": str(ema_path.parent), "num_samples": len(full),
-              "labels": cfg.sample.labels, "rounding": cfg.sample.rounding, "seed": cfg.sample.seed,
-              "sampler": {"sampler": cfg.sampler.sampler, "num_steps": cfg.sampler.num_steps,
-                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval)}}
-    for name in cfg.sample.metrics:
+    record = {"npz": str(out), "grid": str(grid)}
+    for name in after:
         all_images = torch.from_numpy(np.asarray(full)).permute(0, 3, 1, 2)
         record[name] = SAMPLE_METRICS[name](all_images, torch.from_numpy(labels), cfg)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    if cfg.sample.metrics:
-        metrics_path = out.parent / "metrics.json"
-        metrics_path.write_text(json.dumps({k: record[k] for k in cfg.sample.metrics} | {"protocol": record}, indent=1))
-        print(json.dumps({k: record[k] for k in cfg.sample.metrics}, indent=1))
-    (out.parent / f"{out.stem}.config.yaml").write_text(to_yaml(cfg))
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"wrote {out} ({len(full)} samples), grid {grid}")
+    return record
 
 
 if __name__ == "__main__":

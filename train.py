@@ -12,6 +12,7 @@ does not depend on the number of processes or accumulation steps, and a resumed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from align.trainee import Trainee, build_aligners
 from gen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
 from gen.factory import build_backbone, build_objective, micro_slice, step_draws
+from gen.eval.metrics import MetricSuite
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
-from gen.sampling.generate import generate
+from gen.sampling.generate import generate, generate_indexed, sample_labels
 from latents import build_latent
 
 
@@ -58,17 +61,17 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None, device) -> torch.Tensor:
-    """A micro-batch -> model-space x0: online encoding of (flipped) images or a cached raw latent, then a posterior
-    sample with the given noise."""
+def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None,
+                    device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch -> model-space x0 (online encoding of (flipped) images or a cached raw latent, then a posterior
+    sample with the given noise) and the same images as uint8 RGB for aligners that read pixels (None from a cache)."""
     if "raw" in batch:
-        raw = batch["raw"].to(device, non_blocking=True)
-    else:
-        images = batch["image"].to(device, non_blocking=True)
-        if flip is not None:
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        raw = latent.encode_raw(images)
-    return latent.to_model(raw, noise=posterior)
+        return latent.to_model(batch["raw"].to(device, non_blocking=True), noise=posterior), None
+    images = batch["image"].to(device, non_blocking=True)
+    if flip is not None:
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    pixels = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    return latent.to_model(latent.encode_raw(images), noise=posterior), pixels
 
 
 def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) -> None:
@@ -85,6 +88,19 @@ def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) ->
         accelerator.get_tracker("tensorboard").log_images({"preview": make_grid(images)}, step=step,
                                                           dataformats="HWC")
     tqdm.write(f"preview: {path}")
+
+
+def track_fid(suite, ema: EMA, objective, latent, cfg: Config, world: int, rank: int, device) -> float:
+    """FID-k of the EMA model: k samples split over the processes (random labels, per-sample seeds), streamed."""
+    log = cfg.log
+    scfg = dataclasses.replace(cfg.sampler, num_steps=log.fid_num_steps or cfg.sampler.num_steps)
+    labels = sample_labels(log.fid_num_samples, cfg.model.num_classes, "random", cfg.train.seed)
+    suite.reset()
+    for idx, images in generate_indexed(ema.model, objective, latent, scfg, labels,
+                                        range(rank, log.fid_num_samples, world), cfg.train.seed,
+                                        cfg.sample.batch_per_process, cfg.sample.rounding, device):
+        suite.update(images, torch.as_tensor(idx))
+    return suite.compute()["fid"]
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -120,9 +136,15 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = build_backbone(cfg, latent.shape).to(device)
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg, model)
-    optimizer = make_optimizer(model, cfg)
-    train_model = torch.compile(model) if t.compile else model
-    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+    trainee = Trainee(model, objective, build_aligners(cfg, model)).to(device)
+    if trainee.needs_pixels and isinstance(dataset, LatentCacheDataset):
+        raise ConfigError(f"config key 'align.methods': {cfg.align.methods} compute encoder targets from raw images, "
+                          f"which a latent cache does not hold; train from data.name=image_folder")
+    optimizer = make_optimizer(trainee, cfg)  # backbone and aligner heads; frozen encoders are not parameters
+    if t.compile:
+        model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
+    trainee, optimizer = accelerator.prepare(trainee, optimizer)
+    fid_suite = MetricSuite(["fid"], cfg.eval, device) if cfg.log.fid_every_steps else None  # weights fail early
 
     state = {"step": 0}
     if ckpt is not None:
@@ -151,18 +173,18 @@ def train(cfg: Config, resume: bool = False) -> Path:
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
             draws = micro_slice(step_random, micro, rank, world, n)
-            with accelerator.accumulate(train_model):
-                x0 = to_model_inputs(batch, latent, draws.pop("posterior"), draws.pop("flip", None), device)
+            with accelerator.accumulate(trainee):
+                x0, pixels = to_model_inputs(batch, latent, draws.pop("posterior"), draws.pop("flip", None), device)
                 y = batch["label"].to(device, non_blocking=True)
-                out = objective.loss(train_model, x0, y, **draws)
-                loss = out.loss.mean()
+                per_sample, terms = trainee(x0, y, step, draws, pixels=pixels)
+                loss = per_sample.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(train_model.parameters(), t.grad_clip)
+                    accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            meters.add("loss", out.loss)
-            for name, values in out.logs.items():
+            meters.add("loss", per_sample)
+            for name, values in terms.items():
                 meters.add(name, values)
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, float(step * t.grad_accum_steps + micro), first_bad)
@@ -188,6 +210,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if must_save:
             last_ckpt = save_checkpoint(accelerator, run_dir, step, ema,
                                         {"data_position": sampler.position(step)}, cfg, keep=t.keep_checkpoints)
+        if fid_suite is not None and (step % cfg.log.fid_every_steps == 0 or step == t.max_steps):
+            fid = track_fid(fid_suite, ema, objective, latent, cfg, world, rank, device)
+            record = {"step": step, f"fid{cfg.log.fid_num_samples}": fid}
+            if cfg.log.tracker != "none":
+                accelerator.log(record, step=step)
+            if accelerator.is_main_process:
+                append_jsonl(run_dir / "logs" / "scalars.jsonl", record)
+                tqdm.write(f"step {step}: FID-{cfg.log.fid_num_samples} {fid:.3f}")
         if cfg.log.preview_every_steps and (step % cfg.log.preview_every_steps == 0 or step == t.max_steps):
             preview(accelerator, ema, objective, latent, cfg, step)
             accelerator.wait_for_everyone()

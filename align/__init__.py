@@ -1,1 +1,23 @@
-"""Representation-alignment plug-ins (REPA, SRA, ERW)."""
+"""Representation-alignment plug-ins (REPA, SRA, ERW): the ALIGNERS registry and frozen target encoders."""
+from __future__ import annotations
+
+from align.base import SCHEDULES, AlignBatch, Aligner, WeightSchedule
+from align.encoders import ENCODERS, FrozenEncoder, build_encoder
+from align.repa import REPA
+
+# Keys are what `align.methods` takes (DESIGN.md 3.4).
+ALIGNERS: dict[str, type[Aligner]] = {
+    "repa": REPA,
+}
+
+__all__ = [
+    "ALIGNERS",
+    "ENCODERS",
+    "REPA",
+    "SCHEDULES",
+    "AlignBatch",
+    "Aligner",
+    "FrozenEncoder",
+    "WeightSchedule",
+    "build_encoder",
+]

@@ -13,7 +13,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -157,6 +157,12 @@ class LogConfig:
     """Draw a grid with the EMA model every N steps (0 disables)."""
     preview_num: int = 64
     """Images in a preview grid."""
+    fid_every_steps: int = 0
+    """Track FID of the EMA model every N steps (and at the end) against eval.reference; 0 disables."""
+    fid_num_samples: int = 10_000
+    """Samples per tracked FID (FID-10K: cheaper than FID-50K and biased upwards; compare runs, not papers)."""
+    fid_num_steps: Optional[int] = None
+    """Sampler steps for tracked FID; null uses sampler.num_steps."""
 
 
 @dataclass
@@ -180,7 +186,64 @@ class SampleConfig:
     use_ema: bool = True
     """Sample with the EMA weights (all papers evaluate EMA)."""
     metrics: List[str] = field(default_factory=list)
-    """Metrics computed on the samples, e.g. [digits] (class consistency and Frechet distance on digits)."""
+    """Metrics of the samples: fid, sfid, is, pr, fd_dinov2 or adm (the four ADM ones), streamed while sampling
+    against eval.reference; digits (class consistency and Frechet distance on the digits quickstart)."""
+    write_images: bool = True
+    """Write the .npz and grid; false streams the samples into sample.metrics only (no image kept)."""
+
+
+@dataclass
+class AlignConfig:
+    """Representation-alignment losses added to the denoising loss (align.ALIGNERS)."""
+
+    methods: List[str] = field(default_factory=list)
+    """Aligners to train with, keys of align.ALIGNERS (e.g. [repa]); empty trains without alignment."""
+    encoder_weights: Dict[str, str] = field(default_factory=dict)
+    """Local weights per encoder name (file, timm/HF folder, or an HF repo id in the local cache); unlisted: caches."""
+    repa_encoders: List[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    """REPA target encoders (align.encoders.ENCODERS keys), one projector each, losses averaged."""
+    repa_depth: Optional[int] = None
+    """REPA: student block aligned (1-based, output after k blocks); null: size default S 4, B 4, L 8, XL 8."""
+    repa_projector_dim: int = 2048
+    """REPA: hidden width of the projector MLP D -> dim -> dim -> encoder width."""
+    repa_coeff: float = 0.5
+    """REPA: loss weight lambda (paper 0.5)."""
+    repa_stop_step: Optional[int] = None
+    """REPA: weight 0 from this optimizer step on (early stop of the alignment); null keeps it on."""
+
+
+@dataclass
+class EvalConfig:
+    """FID-family evaluation: evaluate.py, the metrics sample.py streams into, training-time tracking (gen.eval)."""
+
+    metrics: List[str] = field(default_factory=lambda: ["fid", "sfid", "is", "pr"])
+    """Metrics: fid, sfid, is, pr (the ADM suite) and fd_dinov2."""
+    reference: Optional[str] = None
+    """Reference: an ADM-layout .npz (VIRTUAL_imagenet256_labeled.npz, or evaluate.py --make-reference) or a folder."""
+    inception_weights: Optional[str] = None
+    """Local weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0) or pytorch-fid's pt_inception file."""
+    inception_sha256: Optional[str] = None
+    """Expected sha256 (or a prefix of >= 8 hex digits) of inception_weights; null skips the check."""
+    dinov2_weights: Optional[str] = None
+    """FD-DINOv2 encoder: local .pth/.safetensors, or a repo id in the local HF cache; null: timm/<arch>.lvd142m."""
+    dinov2_arch: str = "vit_large_patch14_dinov2"
+    """timm DINOv2 architecture: vit_large_patch14_dinov2 (Stein et al.), or vit_base/vit_small for cheap tracking."""
+    dinov2_sha256: Optional[str] = None
+    """Expected sha256 (or a prefix of >= 8 hex digits) of the DINOv2 weights file; null skips the check."""
+    pr_mode: str = "fp16"
+    """Precision/recall distances: fp16 (ADM parity, fp32 fallback per non-finite block) or fp32."""
+    pr_k: int = 3
+    """Precision/recall neighbourhood size k (Kynkaanniemi et al., ADM: 3)."""
+    pr_reference_size: int = 10_000
+    """Images of a reference folder used for precision/recall and written as arr_0 by --make-reference (ADM: 10K)."""
+    is_split_size: int = 5000
+    """Inception Score split size over global sample indices (ADM: 5000, i.e. 10 splits of 50K)."""
+    image_size: Optional[int] = None
+    """ADM center-crop size for folders of images of varying size (reference folders); null uses images as they are."""
+    batch_per_process: int = 100
+    """Images per feature-network forward on each process."""
+    cache_dir: Optional[str] = None
+    """Cache of reference features computed from images; null: $XDG_CACHE_HOME/repgen/eval (~/.cache/repgen/eval)."""
 
 
 @dataclass
@@ -203,6 +266,10 @@ class Config:
     """Logging and previews."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     """sample.py."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """FID-family evaluation."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """Representation alignment (REPA, ...)."""
 
 
 def _valid_keys(node, prefix: str = "") -> list[str]:
@@ -288,8 +355,58 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps > 0 and t.ckpt_every_steps > 0, "train.max_steps", "steps must be positive")
     _check(cfg.log.tracker in ("tensorboard", "wandb", "none"), "log.tracker", "one of tensorboard, wandb, none")
     _check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
+    _check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",
+           "log.fid_every_steps needs reference statistics (an ADM .npz or a folder of images)")
     _check(cfg.sample.labels in ("random", "balanced"), "sample.labels", "random or balanced")
     _check(cfg.sample.rounding in ("round", "floor"), "sample.rounding", "round or floor")
+    _validate_eval(cfg.eval)
+    _validate_align(cfg)
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    """The eval section; registries are imported lazily (no torch-fidelity or timm import here)."""
+    from gen.eval.dinov2 import DINOV2_ARCHS
+    from gen.eval.metrics import METRICS
+    from gen.eval.scores import PR_MODES
+
+    unknown = [m for m in e.metrics if m not in METRICS]
+    _check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(METRICS)}")
+    _check(e.pr_mode in PR_MODES, "eval.pr_mode", f"one of {', '.join(PR_MODES)}")
+    _check(e.dinov2_arch in DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(DINOV2_ARCHS)}")
+    _check(e.pr_k > 0 and e.pr_reference_size > e.pr_k, "eval.pr_k", "k > 0 and fewer than eval.pr_reference_size")
+    _check(e.is_split_size > 0 and e.batch_per_process > 0, "eval.batch_per_process", "sizes must be positive")
+    _check(e.image_size is None or e.image_size > 0, "eval.image_size", "a positive size or null")
+
+
+def _validate_align(cfg: Config) -> None:
+    """The align section; the align package (and timm) is imported only when alignment is configured."""
+    a = cfg.align
+    if not a.methods and not a.encoder_weights:
+        return
+    from align import ALIGNERS, ENCODERS
+    from align.repa import MODEL_SIZES, default_depth
+    from gen.models import SIZES
+
+    unknown = [m for m in a.methods if m not in ALIGNERS]
+    _check(not unknown and len(set(a.methods)) == len(a.methods), "align.methods",
+           f"distinct keys of {sorted(ALIGNERS)}, got {a.methods}")
+    bad = [k for k in a.encoder_weights if k not in ENCODERS]
+    _check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(ENCODERS)}")
+    if "repa" not in a.methods:
+        return
+    bad = [k for k in a.repa_encoders if k not in ENCODERS]
+    _check(bool(a.repa_encoders) and not bad and len(set(a.repa_encoders)) == len(a.repa_encoders),
+           "align.repa_encoders", f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {a.repa_encoders}")
+    _check(a.repa_depth is not None or cfg.model.name in MODEL_SIZES, "align.repa_depth",
+           f"no default depth for model {cfg.model.name!r}: set it")
+    size = MODEL_SIZES.get(cfg.model.name)
+    blocks = cfg.model.depth or (SIZES[size]["depth"] if size else None)
+    depth = a.repa_depth if a.repa_depth is not None else default_depth(cfg.model.name)
+    _check(depth >= 1 and (blocks is None or depth <= blocks), "align.repa_depth",
+           f"{depth} must lie in 1..{blocks} (the model's blocks)")
+    _check(a.repa_projector_dim > 0, "align.repa_projector_dim", "must be positive")
+    _check(a.repa_coeff >= 0, "align.repa_coeff", "must be >= 0")
+    _check(a.repa_stop_step is None or a.repa_stop_step > 0, "align.repa_stop_step", "null or a positive step")
 
 
 def field_docs(cls) -> dict[str, str]:

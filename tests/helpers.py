@@ -42,3 +42,17 @@ def run_job(script, args, processes=1, timeout=300):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), script, *map(str, args)]
     return subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_image_folder(root, n_per_class=8, size=40):
+    """Small RGB crops of scikit-learn's bundled photos in two class folders."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    for c, photo in enumerate(photos):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            crop = photo[i * 30:i * 30 + size, i * 40:i * 40 + size]
+            Image.fromarray(crop).save(root / f"class{c}" / f"{i}.png")
+    return root

@@ -9,5 +9,25 @@ def digits_metric(images, labels, cfg) -> dict:
     return DigitsEvaluator(cfg.data.image_size).evaluate(images, labels)
 
 
-# Metrics sample.py computes on the samples it drew (`sample.metrics=[...]`): fn(images uint8, labels, cfg) -> dict.
+# Metrics sample.py computes once all samples are drawn, on the main process: fn(images uint8, labels, cfg) -> dict.
 SAMPLE_METRICS = {"digits": digits_metric}
+
+# Shorthands for groups of gen.eval.metrics.METRICS; "adm" is the suite papers report (one Inception pass).
+SUITE_ALIASES = {"adm": ("fid", "sfid", "is", "pr")}
+
+
+def split_sample_metrics(names) -> tuple[list[str], list[str]]:
+    """`sample.metrics` -> (FID-family names streamed into one MetricSuite while sampling, SAMPLE_METRICS names)."""
+    from gen.config import ConfigError
+    from gen.eval.metrics import METRICS
+
+    streamed, after = [], []
+    for name in names:
+        if name in SAMPLE_METRICS:
+            after.append(name)
+        elif name in SUITE_ALIASES or name in METRICS:
+            streamed += SUITE_ALIASES.get(name, (name,))
+        else:
+            known = sorted({*SAMPLE_METRICS, *SUITE_ALIASES, *METRICS})
+            raise ConfigError(f"config key 'sample.metrics': unknown metric {name!r}; one of {known}")
+    return list(dict.fromkeys(streamed)), after

@@ -1,12 +1,15 @@
-"""Model + objective + latent space -> images: the loop shared by training previews and sample.py."""
+"""Model + objective + latent space -> images: the loops shared by training previews, FID tracking and sample.py."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gen.config import SamplerConfig
 from gen.sampling.guidance import network_fn
-from gen.sampling.noise import Generators
+from gen.sampling.noise import Generators, randn, sample_generators
 
 
 @torch.no_grad()
@@ -20,3 +23,28 @@ def generate(model: nn.Module, objective, latent, labels: Tensor, noise: Tensor,
     finally:
         model.train(was_training)
     return latent.decode(z.float(), rounding=rounding)
+
+
+def sample_labels(num_samples: int, num_classes: int, scheme: str, seed: int) -> np.ndarray:
+    """Labels of samples 0..N-1: uniform random from `seed` (the reference repos) or balanced (i mod K)."""
+    if scheme == "balanced":
+        return np.arange(num_samples, dtype=np.int64) % num_classes
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_classes, (num_samples,), generator=g).numpy().astype(np.int64)
+
+
+def generate_indexed(model: nn.Module, objective, latent, scfg: SamplerConfig, labels: np.ndarray,
+                     indices: Sequence[int], seed: int, batch_size: int, rounding: str,
+                     device) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """Yield (global indices, uint8 images) for `indices` in batches; sample i depends only on (seed, i).
+
+    Its generator draws the initial noise and every SDE/DDPM noise, so the images are the same whatever the
+    batch size or the split of indices over processes.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        gens = sample_generators(seed, idx, device)
+        noise = randn((len(idx), *latent.shape), gens, device=device)
+        y = torch.as_tensor(labels[idx], device=device)
+        yield idx, generate(model, objective, latent, y, noise, scfg, generator=gens, rounding=rounding)

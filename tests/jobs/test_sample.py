@@ -62,3 +62,26 @@ def test_refusals_are_clear(run_dir, tmp_path):
     assert missing.returncode != 0 and "holds no checkpoint" in missing.stderr
     typo = run_job("sample.py", [run_dir, "sample.num_sample=3"])
     assert typo.returncode != 0 and "did you mean 'sample.num_samples'" in typo.stderr
+
+
+def test_streamed_metrics_match_across_processes_without_writing_images(run_dir, tmp_path):
+    """sample.metrics=[fid,is] streams samples into one Inception pass; 1 and 2 processes agree; no .npz written."""
+    from gen.eval.inception import save_random_inception
+
+    weights = save_random_inception(tmp_path / "inception.pth", seed=0, live_channels=8)
+    reference = np.random.default_rng(0).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=reference)
+    scores = {}
+    for processes in (1, 2):
+        out = tmp_path / f"stream{processes}.npz"
+        result = run_job("sample.py", [run_dir, *SAMPLING, "sample.batch_per_process=3", f"sample.out={out}",
+                                       "sample.metrics=[fid,is]", "sample.write_images=false",
+                                       f"eval.inception_weights={weights}", f"eval.reference={tmp_path / 'ref.npz'}",
+                                       f"eval.cache_dir={tmp_path / f'cache{processes}'}", "eval.is_split_size=4"],
+                         processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not out.exists() and not out.with_suffix(".png").exists()
+        scores[processes] = json.loads(out.with_suffix(".json").read_text())["metrics"]
+    assert scores[1]["num_samples"] == scores[2]["num_samples"] == 7
+    assert scores[1]["fid"] == pytest.approx(scores[2]["fid"], rel=1e-5)
+    assert scores[1]["is"] == pytest.approx(scores[2]["is"], rel=1e-6)

@@ -4,9 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_job
+from helpers import REPO, make_image_folder, run_job
 from latent_helpers import save_tiny_vae
-from PIL import Image
 from safetensors.torch import load_file
 
 import gen.checkpoint
@@ -146,22 +145,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def _image_folder(root, n_per_class=8, size=40):
-    """Small RGB crops of scikit-learn's bundled photos in two class folders."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    for c, photo in enumerate(photos):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(n_per_class):
-            crop = photo[i * 30:i * 30 + size, i * 40:i * 40 + size]
-            Image.fromarray(crop).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def test_latent_cache_training_equals_online_encoding(tmp_path):
     """prepare.py's cache + training == online encoding, given the same posterior noise (tiny random VAE)."""
-    vae, images = save_tiny_vae(tmp_path / "vae"), _image_folder(tmp_path / "images")
+    vae, images = save_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "images")
     common = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
               "model.num_classes=2", "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}",
               "train.global_batch_size=8", "log.tracker=none", "log.preview_every_steps=0", "data.num_workers=0",
@@ -184,3 +170,17 @@ def test_missing_vae_fails_before_writing(tmp_path):
     with pytest.raises(FileNotFoundError, match="latent.vae_path"):
         train_job.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_time_fid_is_logged(tmp_path):
+    """log.fid_every_steps streams k EMA samples into FID against eval.reference (random-init Inception)."""
+    from gen.eval.inception import save_random_inception
+
+    weights = save_random_inception(tmp_path / "inception.pth", seed=0, live_channels=8)
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8))
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=2", "log.fid_every_steps=1", "log.fid_num_samples=6",
+                         "log.fid_num_steps=2", f"eval.inception_weights={weights}",
+                         f"eval.reference={tmp_path / 'ref.npz'}", f"eval.cache_dir={tmp_path / 'cache'}"))
+    records = [json.loads(x) for x in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    fids = [r["fid6"] for r in records if "fid6" in r]
+    assert len(fids) == 2 and all(np.isfinite(fids)) and min(fids) > 0

@@ -1,0 +1,138 @@
+"""REPA (Yu et al. 2024, spec section 1): align the student's tokens after block `depth` to frozen encoders.
+
+Per encoder k a token-wise projector P_k maps the student's tokens h (N, T, D) to the encoder width; the
+per-sample loss is the mean over encoders of -(1/T) sum_i cos(P_k(h)_i, z_k,i), cosine over channels,
+in [-1, 1] (spec 1.1 step 5). Targets come from the feature cache when it holds them, else from the
+encoders on the clean uint8 images. The projectors are training-only: the backbone has none.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from align.base import AlignBatch, Aligner, WeightSchedule
+from align.encoders import ENCODERS, FrozenEncoder, build_encoder
+from gen.models.dit import FAMILIES, SIZES
+
+# Aligned block per model size (spec 1.2): B 4 (paper Table 7), L and XL 8 (README default). S is not
+# reported (the reference cannot build SiT-S with REPA): 4, as B, which has the same 12 blocks. DiT-XL/2 +
+# REPA's depth is not stated by the paper: 8 assumed, as SiT-XL.
+DEFAULT_DEPTH: dict[str, int] = {"S": 4, "B": 4, "L": 8, "XL": 8}
+
+# Registered backbone name -> size key, from the tables gen.models.MODELS is built from.
+MODEL_SIZES: dict[str, str] = {
+    f"{family}-{size}/{p}": size for family, spec in FAMILIES.items() for size in SIZES for p in spec["patches"]
+}
+
+
+def default_depth(model_name: str) -> int:
+    """REPA's alignment depth for a registered backbone (spec 1.2)."""
+    if model_name not in MODEL_SIZES:
+        raise KeyError(f"no default REPA depth for model {model_name!r}: set align.repa_depth")
+    return DEFAULT_DEPTH[MODEL_SIZES[model_name]]
+
+
+def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
+    """Token-wise MLP D -> projector_dim -> projector_dim -> d with SiLU (keys 0/2/4 as REPA's checkpoints)."""
+    mlp = nn.Sequential(
+        nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, out_dim),
+    )
+    for layer in mlp[::2]:  # REPA initialises them with the backbone's basic init: xavier weights, zero bias
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return mlp
+
+
+def negative_cosine(pred: Tensor, target: Tensor) -> Tensor:
+    """-(1/T) sum_i cos(pred_i, target_i) per sample (N,), cosine over channels, computed in fp32."""
+    pred = F.normalize(pred.float(), dim=-1)  # (N, T, d)
+    target = F.normalize(target.float(), dim=-1)  # (N, T, d)
+    return -(pred * target).sum(dim=-1).mean(dim=-1)  # (N,)
+
+
+class REPA(Aligner):
+    """REPA: one projector per target encoder on the tokens after block `depth`; losses averaged over encoders."""
+
+    def __init__(self, hidden_size: int, target_dims: Mapping[str, int], depth: int, *, projector_dim: int = 2048,
+                 schedule: WeightSchedule | None = None, encoders: Mapping[str, FrozenEncoder] | None = None):
+        super().__init__(schedule or WeightSchedule(0.5))  # lambda = 0.5 (spec 1.1 step 6)
+        if not target_dims:
+            raise ValueError("REPA needs at least one target encoder")
+        if depth < 1:
+            raise ValueError(f"REPA depth must be >= 1, got {depth}")
+        self.depth = depth
+        self.taps = (depth,)
+        self.names = tuple(target_dims)  # projector k <-> names[k], the official `projectors.{k}` order
+        self.hidden_size, self.projector_dim = hidden_size, projector_dim
+        self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, d) for d in target_dims.values()])
+        # A plain dict, not a ModuleDict: frozen encoders stay out of state_dict(), checkpoints and the optimizer.
+        self.encoders: dict[str, FrozenEncoder] = dict(encoders or {})
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether some targets are computed online from `batch.pixels` (else all come from the cache)."""
+        return bool(self.encoders)
+
+    def targets(self, name: str, batch: AlignBatch, device: torch.device) -> Tensor:
+        """Encoder `name`'s tokens (N, T, d) for the batch: cached when present, else computed on the clean images."""
+        if batch.target_feats is not None and name in batch.target_feats:
+            return batch.target_feats[name].to(device)
+        encoder = self.encoders.get(name)
+        if encoder is None or batch.pixels is None:
+            raise ValueError(f"REPA target {name!r}: not in batch.target_feats and "
+                             f"{'no pixels in the batch' if encoder is not None else 'the encoder was not built'}")
+        if encoder.device != device:
+            encoder.to(device)
+        return encoder(batch.pixels)
+
+    def forward(self, feats: dict[int, Tensor], batch: AlignBatch) -> dict[str, Tensor]:
+        """Per-sample REPA loss (N,) and the mean cosine per encoder (detached)."""
+        h = feats[self.depth]  # (N, T, D)
+        losses, logs = [], {}
+        for name, projector in zip(self.names, self.projectors):
+            z = self.targets(name, batch, h.device)  # (N, T, d)
+            z_hat = projector(h)  # (N, T, d)
+            if z.shape != z_hat.shape:
+                raise ValueError(f"REPA target {name!r} has shape {tuple(z.shape)}, the projected student tokens "
+                                 f"{tuple(z_hat.shape)}: encoder grid and backbone grid must match (spec 1.3)")
+            loss = negative_cosine(z_hat, z)  # (N,)
+            losses.append(loss)
+            logs[f"cos/{name}"] = -loss.detach().mean()
+        return {"loss": torch.stack(losses).mean(dim=0), **logs}
+
+    def load_official_projectors(self, state: Mapping[str, Tensor]) -> None:
+        """Load REPA's `projectors.{k}.{0,2,4}.*` (OfficialWeights.aligner) strictly; projector k <-> encoder k."""
+        own = self.state_dict()
+        bad = sorted(set(state) ^ set(own)) + [k for k in own if k in state and state[k].shape != own[k].shape]
+        if bad:
+            file_dims = [tuple(state[k].shape) for k in sorted(state) if k.endswith(".4.weight")]
+            raise ValueError(
+                f"REPA projector state does not fit: it has {len(file_dims)} projector(s) with output weights "
+                f"{file_dims}, this REPA has encoders {list(self.names)} with widths "
+                f"{[p[-1].out_features for p in self.projectors]}, D={self.hidden_size}, "
+                f"projector_dim={self.projector_dim}; first differences: {bad[:4]}")
+        self.load_state_dict(dict(state), strict=True)
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, *, cached_targets: Collection[str] = ()) -> REPA:
+        """Build from `cfg.align` (repa_* keys) for the student `model`; cached encoders are not loaded."""
+        a = cfg.align
+        depth = a.repa_depth if a.repa_depth is not None else default_depth(cfg.model.name)
+        if depth > model.depth:
+            raise ValueError(f"config key 'align.repa_depth': {depth} exceeds the model's {model.depth} blocks")
+        encoders = {
+            name: build_encoder(name, a.encoder_weights.get(name), cfg.data.image_size, model.grid)
+            for name in a.repa_encoders if name not in cached_targets
+        }
+        dims = {name: encoders[name].dim if name in encoders else ENCODERS[name].dim for name in a.repa_encoders}
+        schedule = WeightSchedule(a.repa_coeff, stop_step=a.repa_stop_step)
+        return cls(model.hidden_size, dims, depth, projector_dim=a.repa_projector_dim, schedule=schedule,
+                   encoders=encoders)
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, targets={list(self.names)}"

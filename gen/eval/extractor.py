@@ -1,0 +1,69 @@
+"""Plumbing shared by the feature networks: exact float32 execution, local weight files and their sha256.
+
+specs/evaluation.md section 4: the extractor runs in float32 with TF32 off and no autocast, whatever the job
+around it set (train.py enables TF32 and bf16 autocast for the backbone). Section 3 and DESIGN.md "Offline first":
+weights come from a local path given by configuration, a missing file is one error naming the file, where it is
+published and the config key, and the file's sha256 is recorded with every score.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def _precision_knobs() -> list:
+    """The TF32 switches of this torch build: the fp32_precision API (torch >= 2.9) or the legacy allow_tf32 flags."""
+    # Reading a legacy flag after the new API was used raises in torch >= 2.9, so use the new API when it exists.
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+
+
+@contextmanager
+def exact_float32(device: torch.device | str):
+    """Run the enclosed code in true float32: TF32 off for matmuls and convolutions, autocast disabled."""
+    knobs = _precision_knobs()
+    saved = [getattr(obj, name) for obj, name, _ in knobs]
+    try:
+        for obj, name, value in knobs:
+            setattr(obj, name, value)
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        for (obj, name, _), value in zip(knobs, saved):
+            setattr(obj, name, value)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_weights(path: str | Path | None, key: str, needed: str, published: str) -> Path:
+    """The weights file at `path`, or one FileNotFoundError naming the file, where it is published and the config key."""
+    hint = f"it needs {needed}, published at {published}; download it once elsewhere, copy it here and set {key}=PATH"
+    if path is None or str(path) == "":
+        raise FileNotFoundError(f"config key '{key}' is not set: {hint} (nothing is downloaded at run time)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"config key '{key}': no file {p}; {hint}")
+    return p
+
+
+def check_sha256(path: Path, expected: str | None, key: str) -> str:
+    """The file's sha256; raises if `expected` is given (full hex or a prefix of >= 8 digits) and differs."""
+    actual = file_sha256(path)
+    if expected:
+        want = expected.strip().lower()
+        if len(want) < 8 or not actual.startswith(want):
+            raise ValueError(f"{path} has sha256 {actual}, but config key '{key}' expects {want}: the file is "
+                             f"corrupt or a different version; replace it or correct {key}")
+    return actual

@@ -1,0 +1,73 @@
+"""REPA through train.py on SiT (flow) and DiT (DDPM): one student forward, projectors trained and checkpointed."""
+import json
+
+import pytest
+import torch
+from helpers import REPO, make_image_folder, run_job
+from latent_helpers import save_tiny_vae
+from safetensors.torch import load_file, save_file
+from timm.models import get_pretrained_cfg
+
+import train as train_job
+from align.encoders import ENCODERS, create_encoder_model
+from gen.config import ConfigError, load_config
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random VAE, an image folder and a random-init DINOv2 ViT-S/14 in timm's published layout."""
+    tmp = tmp_path_factory.mktemp("assets")
+    spec = ENCODERS["dinov2-vit-s"]
+    torch.manual_seed(0)
+    grid = get_pretrained_cfg(spec.pretrained_tag).input_size[-1] // spec.patch_size
+    encoder = create_encoder_model(spec, grid, final_norm=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "dinov2_s.safetensors"))
+    return save_tiny_vae(tmp / "vae"), make_image_folder(tmp / "images"), tmp / "dinov2_s.safetensors"
+
+
+def repa_config(run_dir, assets, model, *extra):
+    vae, images, encoder = assets
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"model.name={model}", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.num_classes=2",
+        "data.name=image_folder", f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
+        f"latent.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=3", "log.tracker=none",
+        "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0", f"train.run_dir={run_dir}",
+        "align.methods=[repa]", "align.repa_encoders=[dinov2-vit-s]", f"align.encoder_weights={{dinov2-vit-s: {encoder}}}",
+        "align.repa_depth=1", *extra])
+
+
+@pytest.mark.parametrize("model,objective", [("SiT-S/2", "flow"), ("DiT-S/2", "ddpm")])
+def test_repa_trains_on_sit_and_dit(tmp_path, assets, model, objective):
+    cfg = repa_config(tmp_path / "run", assets, model, f"objective.name={objective}",
+                      "sampler.sampler=" + ("heun" if objective == "flow" else "ddim"))
+    ckpt = train_job.train(cfg)
+    logs = [json.loads(x) for x in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert all({"loss", "denoise", "repa"} <= set(rec) for rec in logs)
+    assert all(-1.0 <= rec["repa"] <= 1.0 for rec in logs)
+    for rec in logs:  # total = denoise + 0.5 * repa, averaged over the same samples
+        assert rec["loss"] == pytest.approx(rec["denoise"] + 0.5 * rec["repa"], rel=1e-5, abs=1e-6)
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert any(k.startswith("aligners.repa.projectors.0.") for k in state)
+    assert not any("encoder" in k for k in state)  # frozen encoders never reach a checkpoint
+    assert all(not k.startswith("aligners") for k in load_file(str(ckpt / "ema.safetensors")))
+
+
+def test_repa_from_a_latent_cache_without_features_is_refused(tmp_path, assets):
+    vae, images, _ = assets
+    result = run_job("prepare.py", ["configs/quickstart.yaml", "data.name=image_folder", f"data.path={images}",
+                                    "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}",
+                                    "--out", tmp_path / "cache"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = repa_config(tmp_path / "run", assets, "SiT-S/2", "data.name=latent_cache", f"data.path={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match="align.methods.*raw images"):
+        train_job.train(cfg)
+    assert not (tmp_path / "run").exists()
