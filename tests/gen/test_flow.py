@@ -227,15 +227,6 @@ def test_lognormal_refuses_other_paths():
         FlowObjective(path="vp", time_sampler="lognormal")
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch: tiny models are ~30x slower with thread contention on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_sit_overfits_one_batch(one_thread):
     """A depth-2 SiT on one batch with pinned (t, noise) falls below 5% of its starting loss in 100 AdamW steps."""
     from gen.models import build_model

@@ -100,15 +100,6 @@ def predicted_residual_std(ts):
     return math.sqrt(var)
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch: small tensors are many times slower with thread contention on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("steps", [50, 250])
 def test_euler_maruyama_lands_near_the_point_mass(steps, one_thread):
     """Not exact like the ODEs: the sample is x0 plus residual noise of the std the EM recursion predicts."""
