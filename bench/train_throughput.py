@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--compile", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -1,0 +1,93 @@
+"""Cost of each aligner relative to the plain training step, same model and batch.
+
+    python bench/align_overhead.py configs/sit_b2.yaml --batch 8 align.methods=[repa]
+    python bench/align_overhead.py configs/sit_xl2.yaml --batch 32 align.methods=[repa]   # on a GPU: bf16
+
+Rows: the plain step (denoising loss only); each aligner of `align.methods` with cached targets (its heads,
+loss and backward through the tapped blocks); and, for aligners with frozen encoders, the encoders' forward on
+the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost of computing the
+targets online instead of caching them with prepare.py. Latents, labels and images are synthetic.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from align import ALIGNERS, ENCODERS
+from align.encoders import FrozenEncoder, create_encoder_model
+from align.trainee import Trainee
+from gen.config import load_config
+from gen.factory import build_backbone, build_objective
+from latents import build_latent
+
+
+def timed(fn, steps: int, warmup: int, device) -> float:
+    """Mean seconds per call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    """Print seconds per step and the ratio to the plain step for each configuration."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    latent = build_latent(cfg)
+    model = build_backbone(cfg, latent.shape).to(device)
+    objective = build_objective(cfg, model)
+    n = args.batch
+    x0 = torch.randn(n, *latent.shape, device=device)
+    y = torch.randint(0, cfg.model.num_classes, (n,), device=device)
+    pixels = torch.randint(0, 256, (n, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, device=device)
+    encoder_names = [e for e in cfg.align.repa_encoders if e in ENCODERS]
+    cached = {e: torch.randn(n, model.grid[0] * model.grid[1], ENCODERS[e].dim, device=device) for e in encoder_names}
+
+    def step_fn(trainee):
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, _ = trainee(x0, y, 0, {}, pixels=None, target_feats=cached)
+            loss.mean().backward()
+        return step
+
+    rows = [("plain", timed(step_fn(Trainee(model, objective)), args.steps, args.warmup, device))]
+    for method in cfg.align.methods:
+        aligner = ALIGNERS[method].from_config(cfg, model, cached_targets=encoder_names).to(device)
+        rows.append((f"+{method} (cached targets)",
+                     timed(step_fn(Trainee(model, objective, {method: aligner})), args.steps, args.warmup, device)))
+    for name in encoder_names if "repa" in cfg.align.methods else ():
+        spec = ENCODERS[name]
+        encoder = FrozenEncoder(name, spec, create_encoder_model(spec, model.grid), cfg.data.image_size, model.grid)
+        encoder.to(device)
+
+        def encode(encoder=encoder):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                encoder(pixels)
+
+        rows.append((f"  {name} forward (online targets)", timed(encode, args.steps, args.warmup, device)))
+    plain = rows[0][1]
+    print(f"{cfg.model.name} batch {n} {str(dtype).split('.')[-1]} on "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    for label, seconds in rows:
+        print(f"{label:40s} {1e3 * seconds:9.1f} ms   x{seconds / plain:.3f} of the plain step")
+
+
+if __name__ == "__main__":
+    main()
