@@ -136,7 +136,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = build_backbone(cfg, latent.shape).to(device)
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg, model)
-    trainee = Trainee(model, objective, build_aligners(cfg, model)).to(device)
+    trainee = Trainee(model, objective, build_aligners(cfg, model), teacher=ema.model).to(device)  # SRA's teacher
     if trainee.needs_pixels and isinstance(dataset, LatentCacheDataset):
         raise ConfigError(f"config key 'align.methods': {cfg.align.methods} compute encoder targets from raw images, "
                           f"which a latent cache does not hold; train from data.name=image_folder")

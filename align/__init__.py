@@ -4,10 +4,12 @@ from __future__ import annotations
 from align.base import SCHEDULES, AlignBatch, Aligner, WeightSchedule
 from align.encoders import ENCODERS, FrozenEncoder, build_encoder
 from align.repa import REPA
+from align.sra import SRA
 
 # Keys are what `align.methods` takes (DESIGN.md 3.4).
 ALIGNERS: dict[str, type[Aligner]] = {
     "repa": REPA,
+    "sra": SRA,
 }
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "ENCODERS",
     "REPA",
     "SCHEDULES",
+    "SRA",
     "AlignBatch",
     "Aligner",
     "FrozenEncoder",

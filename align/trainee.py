@@ -6,6 +6,7 @@ once, with the union of every aligner's taps (DESIGN.md 3.4).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from align.base import AlignBatch, Aligner
@@ -14,12 +15,29 @@ from align.base import AlignBatch, Aligner
 class Trainee(nn.Module):
     """Backbone + aligners: `forward` returns the per-sample total loss and detached per-term logs."""
 
-    def __init__(self, model: nn.Module, objective, aligners: dict[str, Aligner] | None = None):
+    def __init__(self, model: nn.Module, objective, aligners: dict[str, Aligner] | None = None,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.objective = objective  # not a module: it owns no parameters
         self.aligners = nn.ModuleDict(aligners or {})
         self.taps = tuple(sorted(set().union(*(a.taps for a in self.aligners.values()))))
+        # The trainer's EMA model (SRA teacher), held in a list so it is no submodule: it stays out of
+        # state_dict(), parameters(), .to() and the DDP wrapper; the EMA update keeps owning it.
+        self._teacher: list[nn.Module] = [] if teacher is None else [teacher]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The EMA model aligners read as a teacher, or None."""
+        return self._teacher[0] if self._teacher else None
+
+    @torch.no_grad()
+    def _teacher_feats(self, x_t: Tensor, t: Tensor, y: Tensor, layer: int) -> Tensor:
+        """The teacher's tokens after block `layer` (eval, no grad, ambient autocast, early exit; spec 2.1 step 4)."""
+        teacher = self._teacher[0]
+        if teacher.training:
+            teacher.eval()
+        return teacher(x_t, t.float(), y, taps=(layer,), stop_at=layer).feats[layer]
 
     @property
     def needs_pixels(self) -> bool:
@@ -32,7 +50,8 @@ class Trainee(nn.Module):
         out = self.objective.loss(self.model, x0, y, taps=self.taps, **draws)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
         if self.aligners:
-            batch = AlignBatch.from_loss(out, x0, step, pixels=pixels, target_feats=target_feats)
+            teacher = self._teacher_feats if self._teacher else None
+            batch = AlignBatch.from_loss(out, x0, step, pixels=pixels, target_feats=target_feats, teacher=teacher)
             for name, aligner in self.aligners.items():
                 # Computed even at weight 0 so every parameter takes part in each step (DDP without
                 # find_unused_parameters); the weight then zeroes its gradient.

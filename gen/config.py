@@ -210,6 +210,18 @@ class AlignConfig:
     """REPA: loss weight lambda (paper 0.5)."""
     repa_stop_step: Optional[int] = None
     """REPA: weight 0 from this optimizer step on (early stop of the alignment); null keeps it on."""
+    sra_student_layer: Optional[int] = None
+    """SRA: student block fed to the head (1-based); null: size default SiT S/B 3, L 6, XL 8, DiT-XL 8."""
+    sra_teacher_layer: Optional[int] = None
+    """SRA: EMA-teacher block aligned to (1-based, early exit there); null: SiT S/B 8, L 16, XL 20, DiT-XL 16."""
+    sra_t_max: float = 0.2
+    """SRA: teacher time t_s - u * t_max clamped, u ~ U(0, 1) (DDPM: times T, in steps); paper 0.2."""
+    sra_loss: str = "cosine"
+    """SRA: alignment loss, cosine (per-token 1 - cos, recommended) or smooth_l1 (beta 0.05, the paper's)."""
+    sra_coeff: float = 0.5
+    """SRA: loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
+    sra_stop_step: Optional[int] = None
+    """SRA: weight 0 from this optimizer step on; null keeps it on."""
 
 
 @dataclass
@@ -392,6 +404,8 @@ def _validate_align(cfg: Config) -> None:
            f"distinct keys of {sorted(ALIGNERS)}, got {a.methods}")
     bad = [k for k in a.encoder_weights if k not in ENCODERS]
     _check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(ENCODERS)}")
+    if "sra" in a.methods:
+        _validate_sra(cfg)
     if "repa" not in a.methods:
         return
     bad = [k for k in a.repa_encoders if k not in ENCODERS]
@@ -407,6 +421,30 @@ def _validate_align(cfg: Config) -> None:
     _check(a.repa_projector_dim > 0, "align.repa_projector_dim", "must be positive")
     _check(a.repa_coeff >= 0, "align.repa_coeff", "must be >= 0")
     _check(a.repa_stop_step is None or a.repa_stop_step > 0, "align.repa_stop_step", "null or a positive step")
+
+
+def _validate_sra(cfg: Config) -> None:
+    """The sra_* keys of the align section (spec section 2)."""
+    from align.repa import MODEL_SIZES
+    from align.sra import SRA_LOSSES, default_pair
+    from gen.models import SIZES
+
+    a = cfg.align
+    explicit = a.sra_student_layer is not None and a.sra_teacher_layer is not None
+    _check(explicit or cfg.model.name in MODEL_SIZES, "align.sra_student_layer",
+           f"no default SRA layers for model {cfg.model.name!r}: set align.sra_student_layer and sra_teacher_layer")
+    size = MODEL_SIZES.get(cfg.model.name)
+    blocks = cfg.model.depth or (SIZES[size]["depth"] if size else None)
+    pair = (a.sra_student_layer, a.sra_teacher_layer) if explicit else default_pair(cfg.model.name)
+    for key, given, layer in (("sra_student_layer", a.sra_student_layer, pair[0]),
+                              ("sra_teacher_layer", a.sra_teacher_layer, pair[1])):
+        layer = given if given is not None else layer
+        _check(layer >= 1 and (blocks is None or layer <= blocks), f"align.{key}",
+               f"{layer} must lie in 1..{blocks} (the model's blocks)")
+    _check(0.0 <= a.sra_t_max <= 1.0, "align.sra_t_max", "must lie in [0, 1]")
+    _check(a.sra_loss in SRA_LOSSES, "align.sra_loss", f"one of {sorted(SRA_LOSSES)}, got {a.sra_loss!r}")
+    _check(a.sra_coeff >= 0, "align.sra_coeff", "must be >= 0")
+    _check(a.sra_stop_step is None or a.sra_stop_step > 0, "align.sra_stop_step", "null or a positive step")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -291,6 +291,10 @@ class DDPMObjective(DiffusionChain, Objective):
         return {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "eta": scfg.eta, "cfg_scale": scfg.cfg_scale,
                 "cfg_interval": tuple(scfg.cfg_interval)}
 
+    def noised(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t ~ q(x_t | x0) at integer steps t with the given noise (the loss and SRA's teacher input)."""
+        return self.q_sample(x0, t.to(x0.device).long(), noise)
+
     def loss(
         self, model, x0: Tensor, y: Tensor, *, taps=(), t: Tensor | None = None, noise: Tensor | None = None,
         drop: Tensor | None = None,
@@ -302,7 +306,7 @@ class DDPMObjective(DiffusionChain, Objective):
             noise = torch.randn_like(x0)
         t = t.to(x0.device).long()
         y = drop_labels(y, self.label_dropout, self.null_class, drop)
-        x_t = self.q_sample(x0, t, noise)
+        x_t = self.noised(x0, t, noise)
         res = model(x_t, t.float(), y, taps=taps)
         out = res.out.to(torch.promote_types(x0.dtype, torch.float32))  # bf16 autocast output -> fp32 loss
         eps = out[:, : x0.shape[1]]

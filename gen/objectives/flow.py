@@ -261,6 +261,11 @@ class FlowObjective(Objective):
         return cls(path=ocfg.path, prediction=ocfg.prediction, weighting=ocfg.weighting,
                    time_sampler=ocfg.time_sampler, label_dropout=ocfg.label_dropout, null_class=model.null_class)
 
+    def noised(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = alpha_t x0 + sigma_t noise on the path (the loss and SRA's teacher input)."""
+        c = self.path.coefficients(t, x0)
+        return c.alpha * x0 + c.sigma * noise
+
     def loss(self, model, x0: Tensor, y: Tensor, *, taps=(), t: Tensor | None = None,
              noise: Tensor | None = None, drop: Tensor | None = None) -> LossOutput:
         """Per-sample flow-matching loss: mean over non-batch dims of the (weighted) squared error."""
@@ -270,7 +275,7 @@ class FlowObjective(Objective):
             noise = torch.randn_like(x0)
         y = drop_labels(y, self.label_dropout, self.null_class, drop)
         c = self.path.coefficients(t, x0)
-        x_t = c.alpha * x0 + c.sigma * noise
+        x_t = self.noised(x0, t, noise)
         out = model(x_t, t, y, taps=taps)
         pred = out.out[:, : x0.shape[1]]  # a learn_sigma head's extra channels are ignored
         pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 autocast output -> fp32 loss

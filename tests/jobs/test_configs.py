@@ -11,6 +11,8 @@ from latents import build_latent
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHRINK = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
+# Aligner layers that fit the 2 shrunk blocks, per method a config trains with.
+SHRINK_ALIGN = {"repa": ["align.repa_depth=1"], "sra": ["align.sra_student_layer=1", "align.sra_teacher_layer=2"]}
 
 
 def test_configs_exist():
@@ -19,7 +21,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_builds_tiny_and_steps(path: Path):
-    cfg = load_config(path, SHRINK)
+    shrink_align = [o for m in load_config(path).align.methods for o in SHRINK_ALIGN[m]]
+    cfg = load_config(path, SHRINK + shrink_align)
     latent = build_latent(cfg)
     model = build_backbone(cfg, latent.shape)
     objective = build_objective(cfg, model)

@@ -1,0 +1,237 @@
+"""SRA: where gradients go, the EMA teacher (early exit, identity, labels), teacher times, the loss formula,
+config checks, and SRA + REPA through train.py on SiT (flow) and DiT (DDPM)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REPO, make_image_folder, randomize
+from latent_helpers import save_tiny_vae
+from safetensors.torch import load_file, save_file
+from timm.models import get_pretrained_cfg
+
+import train as train_job
+from align import ALIGNERS, SRA, AlignBatch
+from align.encoders import ENCODERS, create_encoder_model
+from align.sra import default_pair
+from align.trainee import Trainee
+from gen.config import ConfigError, load_config
+from gen.ema import EMA
+from gen.models import build_model
+from gen.objectives import DDPMObjective, FlowObjective
+
+N, C, INPUT, D, CLASSES = 4, 4, 8, 32, 10  # tiny SiT: 4 blocks, 16 tokens; SRA 2 -> 3
+STUDENT, TEACHER = 2, 3
+
+
+def tiny_sit(seed=0):
+    model = build_model("SiT-S/2", depth=4, hidden_size=D, num_heads=2, input_size=INPUT, num_classes=CLASSES)
+    return randomize(model, seed)
+
+
+def pinned(seed=1, drop=None):
+    """x0, y and the objective's draws (t, noise, label-drop mask), fixed."""
+    g = torch.Generator().manual_seed(seed)
+    x0, y = torch.randn(N, C, INPUT, INPUT, generator=g), torch.randint(0, CLASSES, (N,), generator=g)
+    draws = {"t": torch.rand(N, generator=g), "noise": torch.randn(N, C, INPUT, INPUT, generator=g),
+             "drop": torch.zeros(N, dtype=torch.bool) if drop is None else drop}
+    return x0, y, draws
+
+
+def setup(objective=None, **kw):
+    model = tiny_sit()
+    ema = EMA(model, 0.99)
+    randomize(ema.model, 5)  # a teacher that differs from the student
+    objective = objective or FlowObjective(null_class=model.null_class)
+    sra = SRA(D, STUDENT, TEACHER, objective, "ddpm" if isinstance(objective, DDPMObjective) else "flow", **kw)
+    return model, ema, objective, sra, Trainee(model, objective, {"sra": sra}, teacher=ema.model)
+
+
+def align_batch(trainee, objective, sra, seed=1, drop=None, step=0):
+    x0, y, draws = pinned(seed, drop)
+    out = objective.loss(trainee.model, x0, y, taps=sra.taps, **draws)
+    return out, AlignBatch.from_loss(out, x0, step, teacher=trainee._teacher_feats)
+
+
+def test_teacher_gets_no_gradient_while_head_and_lower_blocks_do():
+    model, ema, objective, sra, trainee = setup()
+    out, batch = align_batch(trainee, objective, sra)
+    sra(out.feats, batch)["loss"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sra.head.parameters())
+    for k, block in enumerate(model.blocks, start=1):
+        grads = [p.grad for p in block.parameters()]
+        assert all(g is not None for g in grads) if k <= STUDENT else all(g is None for g in grads)
+    assert all(p.grad is None and not p.requires_grad for p in ema.model.parameters())
+    # The whole trainee step (denoise + SRA) leaves the teacher untouched as well.
+    x0, y, draws = pinned()
+    trainee(x0, y, 0, draws)[0].mean().backward()
+    assert all(p.grad is None for p in ema.model.parameters())
+
+
+def test_teacher_is_not_a_submodule_and_ema_update_still_works():
+    model, ema, _, sra, trainee = setup()
+    assert trainee.teacher is ema.model
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in trainee.state_dict())
+    assert {id(p) for p in trainee.parameters()} == {id(p) for p in [*model.parameters(), *sra.parameters()]}
+    before = [p.clone() for p in ema.model.parameters()]
+    ema.update(model)
+    for b, p, q in zip(before, ema.model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, 0.99 * b + 0.01 * q)
+
+
+def test_early_exit_features_equal_full_forward_and_teacher_is_eval():
+    _, ema, _, _, trainee = setup()
+    ema.model.train()
+    x0, y, draws = pinned()
+    full = ema.model(x0, draws["t"], y, taps=(TEACHER,)).feats[TEACHER]
+    feats = trainee._teacher_feats(x0, draws["t"], y, TEACHER)
+    assert not ema.model.training and not feats.requires_grad
+    torch.testing.assert_close(feats, full, rtol=0, atol=0)
+
+
+def test_teacher_sees_student_post_dropout_labels_and_a_less_noisy_input():
+    model, _, objective, sra, trainee = setup()
+    seen = {}
+
+    def spy(x_t, t, y, layer):
+        seen.update(x_t=x_t, t=t, y=y, layer=layer)
+        return trainee._teacher_feats(x_t, t, y, layer)
+
+    drop = torch.tensor([True, False, True, False])
+    out, batch = align_batch(trainee, objective, sra, drop=drop)
+    batch.teacher = spy
+    sra(out.feats, batch)
+    assert torch.equal(seen["y"], out.y) and seen["layer"] == TEACHER
+    assert (seen["y"][drop] == model.null_class).all() and (seen["y"][~drop] != model.null_class).all()
+    expected = objective.noised(batch.x0, seen["t"], batch.noise)  # same x0 and noise, teacher time
+    torch.testing.assert_close(seen["x_t"], expected)
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddpm"])
+def test_teacher_time_is_earlier_by_at_most_t_max_and_reproducible(kind):
+    objective = FlowObjective(null_class=CLASSES) if kind == "flow" else DDPMObjective(null_class=CLASSES)
+    sra = setup(objective)[3]
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    t = objective.sample_time(n, generator=g)
+    x0 = torch.zeros(n, 1)
+    batch = AlignBatch(x0=x0, x_t=x0, t=t, noise=x0, y=torch.zeros(n, dtype=torch.long), step=3)
+    t_t = sra.teacher_time(t, sra.draw_u(batch))
+    span = 1.0 if kind == "flow" else objective.num_timesteps
+    gap = t.double() - t_t.double()
+    assert (gap >= 0).all() and (gap <= 0.2 * span + 1e-6).all() and gap.max() > 0.15 * span
+    assert (t_t >= 0).all() and (t_t <= (1.0 if kind == "flow" else span - 1)).all()
+    if kind == "ddpm":
+        assert t_t.dtype == torch.long
+    assert torch.equal(sra.draw_u(batch), sra.draw_u(batch))  # same step and t: same offsets
+    batch.step = 4
+    assert not torch.equal(sra.draw_u(batch), sra.draw_u(AlignBatch(x0, x0, t, x0, batch.y, step=3)))
+
+
+@pytest.mark.parametrize("loss", ["cosine", "smooth_l1"])
+def test_loss_equals_formula_on_pinned_inputs(loss):
+    torch.manual_seed(0)
+    sra = SRA(D, 1, 2, FlowObjective(null_class=CLASSES), "flow", loss=loss)
+    h_s, h_t = torch.randn(N, 16, D), torch.randn(N, 16, D)
+    batch = AlignBatch(x0=torch.zeros(N, C, INPUT, INPUT), x_t=None, t=torch.rand(N),
+                       noise=torch.zeros(N, C, INPUT, INPUT), y=torch.zeros(N, dtype=torch.long), step=0,
+                       teacher=lambda x_t, t, y, layer: h_t)
+    got = sra({1: h_s}, batch)
+    pred = sra.head(h_s)
+    if loss == "cosine":
+        cos = (pred * h_t).sum(-1) / (pred.norm(dim=-1) * h_t.norm(dim=-1))
+        expected = 1 - cos.mean(dim=1)
+    else:
+        diff = (pred - h_t).abs()
+        expected = torch.where(diff < 0.05, 0.5 * diff**2 / 0.05, diff - 0.025).mean(dim=(1, 2))
+    torch.testing.assert_close(got["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert got["loss"].shape == (N,)
+    torch.testing.assert_close(got["cos"], F.cosine_similarity(pred, h_t, dim=-1).mean())
+
+
+def test_head_init_and_layer_defaults():
+    sra = SRA(D, 1, 2, FlowObjective(), "flow")
+    assert [tuple(m.weight.shape) for m in sra.head[::2]] == [(2 * D, D), (D, 2 * D)]
+    assert all((m.bias == 0).all() for m in sra.head[::2])
+    assert default_pair("SiT-XL/2") == (8, 20) and default_pair("SiT-B/2") == (3, 8)
+    assert default_pair("SiT-L/2") == (6, 16) and default_pair("DiT-XL/2") == (8, 16)
+    assert default_pair("SiT-S/4") == (3, 8) and ALIGNERS["sra"] is SRA
+    with pytest.raises(ValueError, match="teacher time"):
+        SRA(D, 1, 2, FlowObjective(), "edm")
+
+
+def test_config_validation():
+    base = REPO / "configs" / "quickstart_sra.yaml"
+    cfg = load_config(base)
+    assert (cfg.align.sra_student_layer, cfg.align.sra_teacher_layer) == (2, 4) and cfg.align.sra_t_max == 0.2
+    with pytest.raises(ConfigError, match="align.sra_teacher_layer"):
+        load_config(base, ["align.sra_teacher_layer=7"])
+    with pytest.raises(ConfigError, match="align.sra_teacher_layer"):  # depth 6: the S default 3 -> 8 does not fit
+        load_config(base, ["align.sra_student_layer=null", "align.sra_teacher_layer=null"])
+    with pytest.raises(ConfigError, match="align.sra_student_layer"):
+        load_config(base, ["align.sra_student_layer=0"])
+    with pytest.raises(ConfigError, match="align.sra_coeff"):
+        load_config(base, ["align.sra_coeff=-1"])
+    with pytest.raises(ConfigError, match="align.sra_loss"):
+        load_config(base, ["align.sra_loss=l2"])
+    with pytest.raises(ConfigError, match="align.sra_t_max"):
+        load_config(base, ["align.sra_t_max=1.5"])
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random VAE, an image folder and a random-init DINOv2 ViT-S/14 (as tests/align/test_train_align.py)."""
+    tmp = tmp_path_factory.mktemp("assets")
+    spec = ENCODERS["dinov2-vit-s"]
+    torch.manual_seed(0)
+    grid = get_pretrained_cfg(spec.pretrained_tag).input_size[-1] // spec.patch_size
+    encoder = create_encoder_model(spec, grid, final_norm=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "dinov2_s.safetensors"))
+    return save_tiny_vae(tmp / "vae"), make_image_folder(tmp / "images"), tmp / "dinov2_s.safetensors"
+
+
+@pytest.mark.parametrize("model,objective", [("SiT-S/2", "flow"), ("DiT-S/2", "ddpm")])
+def test_sra_and_repa_train_together(tmp_path, assets, monkeypatch, model, objective):
+    vae, images, encoder = assets
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"model.name={model}", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.num_classes=2",
+        "data.name=image_folder", f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
+        f"latent.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=2", "log.tracker=none",
+        "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0", f"train.run_dir={tmp_path / 'run'}",
+        "align.methods=[repa,sra]", "align.repa_encoders=[dinov2-vit-s]",
+        f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "align.repa_depth=1", "align.sra_student_layer=1",
+        "align.sra_teacher_layer=2", f"objective.name={objective}",
+        "sampler.sampler=" + ("heun" if objective == "flow" else "ddim")])
+    made = {}
+
+    class SpyEMA(EMA):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made["ema"] = self
+
+    class SpyTrainee(Trainee):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made["trainee"] = self
+
+    monkeypatch.setattr(train_job, "EMA", SpyEMA)
+    monkeypatch.setattr(train_job, "Trainee", SpyTrainee)
+    ckpt = train_job.train(cfg)
+    assert made["trainee"].teacher is made["ema"].model  # the trainer's EMA model, no second copy
+    logs = [json.loads(x) for x in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all({"loss", "denoise", "repa", "sra", "sra/cos"} <= set(rec) for rec in logs)
+    for rec in logs:  # total = denoise + 0.5 * repa + 0.5 * sra
+        assert 0.0 <= rec["sra"] <= 2.0
+        assert rec["loss"] == pytest.approx(rec["denoise"] + 0.5 * rec["repa"] + 0.5 * rec["sra"], rel=1e-5, abs=1e-6)
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert any(k.startswith("aligners.sra.head.") for k in state) and not any("teacher" in k for k in state)
+    assert all(not k.startswith("aligners") for k in load_file(str(ckpt / "ema.safetensors")))
