@@ -27,6 +27,7 @@ class AlignBatch:
     pixels: Tensor | None = None  # uint8 (N, 3, H, W) raw images of the same samples, no augmentation
     target_feats: dict[str, Tensor] | None = None  # cached encoder features: encoder name -> (N, T, d)
     teacher: Callable | None = None  # feats of the EMA model at given inputs (SRA)
+    uniform: Tensor | None = None  # (N,) U(0, 1) per sample from the trainer's step draws (aligners' own randomness)
 
     @classmethod
     def from_loss(cls, out, x0: Tensor, step: int, **optional) -> AlignBatch:

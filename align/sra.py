@@ -6,14 +6,12 @@ t_t = clamp(t_s - u t_max, 0, 1), u ~ U(0, 1) per sample, with the student's pos
 The teacher is `batch.teacher`, a callable the Trainee builds around the trainer's EMA model (no_grad, eval,
 early exit). The head is training-only: the backbone has none.
 
-Reproducibility of u: it is drawn from a generator on x0's device seeded by (batch.step, CRC32 of batch.t's
-bytes). batch.t comes from the trainer's (seed, step) draws, so u is the same on a rerun or a resume, differs
-between micro-batches and processes, and the trainer's own random draws are left untouched. The price is one
-device-to-host copy of t (N numbers) per step.
+Reproducibility of u: it is `batch.uniform`, drawn by the trainer with every other random input of the step
+for the whole global batch (gen.factory.step_draws), so a resumed run and a run on any number of processes
+see the same offsets. Outside the trainer (no `uniform`), u comes from torch's global generator.
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Collection
 
 import torch
@@ -104,11 +102,10 @@ class SRA(Aligner):
         self.head = build_head(hidden_size)
 
     def draw_u(self, batch: AlignBatch) -> Tensor:
-        """u ~ U(0, 1) per sample from a generator seeded by (step, CRC32 of t): reproducible, see the module doc."""
-        digest = zlib.crc32(batch.t.detach().cpu().contiguous().numpy().tobytes())
-        g = torch.Generator(device=batch.x0.device)
-        g.manual_seed((batch.step * 1_000_003 + digest) % 2**63)
-        return torch.rand(batch.t.shape[0], generator=g, device=batch.x0.device)
+        """u ~ U(0, 1) per sample: the trainer's `batch.uniform` (reproducible, see the module doc)."""
+        if batch.uniform is not None:
+            return batch.uniform.to(batch.t.device)
+        return torch.rand(batch.t.shape[0], device=batch.t.device)
 
     def teacher_time(self, t: Tensor, u: Tensor) -> Tensor:
         """The teacher's (less noisy) time for student times t and offsets u, in the objective's units."""

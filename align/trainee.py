@@ -47,11 +47,14 @@ class Trainee(nn.Module):
     def forward(self, x0: Tensor, y: Tensor, step: int, draws: dict[str, Tensor], pixels: Tensor | None = None,
                 target_feats: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """loss = denoise + sum_i weight_i(step) * aligner_i (per sample), and the terms for logging."""
+        draws = dict(draws)
+        uniform = draws.pop("uniform", None)  # the aligners' per-sample randomness, not an objective input
         out = self.objective.loss(self.model, x0, y, taps=self.taps, **draws)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
         if self.aligners:
             teacher = self._teacher_feats if self._teacher else None
-            batch = AlignBatch.from_loss(out, x0, step, pixels=pixels, target_feats=target_feats, teacher=teacher)
+            batch = AlignBatch.from_loss(out, x0, step, pixels=pixels, target_feats=target_feats, teacher=teacher,
+                                         uniform=uniform)
             for name, aligner in self.aligners.items():
                 # Computed even at weight 0 so every parameter takes part in each step (DDP without
                 # find_unused_parameters); the weight then zeroes its gradient.

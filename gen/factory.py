@@ -29,7 +29,8 @@ def step_draws(objective, latent, global_batch_size: int, seed: int, step: int, 
                device) -> dict[str, Tensor]:
     """Every random input of one optimizer step for the whole global batch, from a generator seeded by (seed, step).
 
-    Time, noise and label-drop mask (the objective's), the latent posterior noise and the flip mask. Each process
+    Time, noise and label-drop mask (the objective's), the latent posterior noise, the flip mask and one uniform
+    number per sample for the aligners (SRA's teacher-time offset). Each process
     takes its slice of each micro-step (`micro_slice`), so a run does not depend on the number of processes nor on
     how the global batch is split into accumulation steps.
     """
@@ -39,6 +40,7 @@ def step_draws(objective, latent, global_batch_size: int, seed: int, step: int, 
     draws["posterior"] = torch.randn((global_batch_size, *latent.shape), generator=g, device=device)
     if hflip:
         draws["flip"] = torch.rand(global_batch_size, generator=g, device=device) < 0.5
+    draws["uniform"] = torch.rand(global_batch_size, generator=g, device=device)  # aligners' randomness (SRA's u)
     return draws
 
 

@@ -115,12 +115,15 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
         train_job.train(tiny(tmp_path / "run", "train.max_steps=2"))
 
 
-def test_two_processes_match_one(tmp_path):
-    """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order."""
+@pytest.mark.parametrize("align", [[], ["align.methods=[sra]", "align.sra_student_layer=1", "align.sra_teacher_layer=2"]],
+                         ids=["plain", "sra"])
+def test_two_processes_match_one(tmp_path, align):
+    """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order (SRA included:
+    its teacher-time offsets come from the trainer's global draws)."""
     runs = {}
     for processes in (1, 2):
         run = tmp_path / f"p{processes}"
-        args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.depth=1"]
+        args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.depth=2", *align]
         result = run_job("train.py", args, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"{processes} process(es)" in result.stdout + result.stderr
