@@ -4,6 +4,7 @@ import argparse
 
 import pytest
 import torch
+from helpers import randomize
 from safetensors.torch import save_file
 
 from align import ALIGNERS, REPA, AlignBatch, WeightSchedule, build_encoder
@@ -13,7 +14,6 @@ from gen.config import ConfigError, load_config
 from gen.models import build_model
 from gen.models.official import load_official
 from gen.objectives import FlowObjective
-from helpers import randomize
 
 N, C, INPUT, D, CLASSES, DEPTH = 3, 4, 8, 32, 10, 2  # tiny SiT: 4 blocks, 4 x 4 = 16 tokens, aligned after block 2
 T = (INPUT // 2) ** 2

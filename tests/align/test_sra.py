@@ -5,20 +5,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, make_image_folder, randomize
-from latent_helpers import save_tiny_vae
-from safetensors.torch import load_file, save_file
-from timm.models import get_pretrained_cfg
+from helpers import REPO, randomize
+from safetensors.torch import load_file
 
 import train as train_job
 from align import ALIGNERS, SRA, AlignBatch
-from align.encoders import ENCODERS, create_encoder_model
 from align.sra import default_pair
 from align.trainee import Trainee
 from gen.config import ConfigError, load_config
 from gen.ema import EMA
 from gen.models import build_model
 from gen.objectives import DDPMObjective, FlowObjective
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
 
 N, C, INPUT, D, CLASSES = 4, 4, 8, 32, 10  # tiny SiT: 4 blocks, 16 tokens; SRA 2 -> 3
 STUDENT, TEACHER = 2, 3
@@ -175,27 +175,6 @@ def test_config_validation():
         load_config(base, ["align.sra_loss=l2"])
     with pytest.raises(ConfigError, match="align.sra_t_max"):
         load_config(base, ["align.sra_t_max=1.5"])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random VAE, an image folder and a random-init DINOv2 ViT-S/14 (as tests/align/test_train_align.py)."""
-    tmp = tmp_path_factory.mktemp("assets")
-    spec = ENCODERS["dinov2-vit-s"]
-    torch.manual_seed(0)
-    grid = get_pretrained_cfg(spec.pretrained_tag).input_size[-1] // spec.patch_size
-    encoder = create_encoder_model(spec, grid, final_norm=True)
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "dinov2_s.safetensors"))
-    return save_tiny_vae(tmp / "vae"), make_image_folder(tmp / "images"), tmp / "dinov2_s.safetensors"
 
 
 @pytest.mark.parametrize("model,objective", [("SiT-S/2", "flow"), ("DiT-S/2", "ddpm")])

@@ -2,36 +2,13 @@
 import json
 
 import pytest
-import torch
-from helpers import REPO, make_image_folder, run_job
-from latent_helpers import save_tiny_vae
-from safetensors.torch import load_file, save_file
-from timm.models import get_pretrained_cfg
+from helpers import REPO, run_job
+from safetensors.torch import load_file
 
 import train as train_job
-from align.encoders import ENCODERS, create_encoder_model
 from gen.config import ConfigError, load_config
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random VAE, an image folder and a random-init DINOv2 ViT-S/14 in timm's published layout."""
-    tmp = tmp_path_factory.mktemp("assets")
-    spec = ENCODERS["dinov2-vit-s"]
-    torch.manual_seed(0)
-    grid = get_pretrained_cfg(spec.pretrained_tag).input_size[-1] // spec.patch_size
-    encoder = create_encoder_model(spec, grid, final_norm=True)
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "dinov2_s.safetensors"))
-    return save_tiny_vae(tmp / "vae"), make_image_folder(tmp / "images"), tmp / "dinov2_s.safetensors"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def repa_config(run_dir, assets, model, *extra):

@@ -14,6 +14,8 @@ from gen.checkpoint import CheckpointError, latest_checkpoint
 from gen.config import load_config
 from gen.objectives.flow import FlowObjective
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
 # A tiny SiT on 8 px digits (2 x 2 tokens); 256 images a step, so 5 steps make an epoch of the 1437 digits.
 TINY = ["model.name=SiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
         "train.global_batch_size=256", "train.lr=1e-3", "train.ema_decay=0.9", "log.tracker=none",
@@ -22,16 +24,6 @@ TINY = ["model.name=SiT-S/4", "model.depth=2", "model.hidden_size=32", "model.nu
 
 def tiny(run_dir, *extra):
     return load_config(REPO / "configs" / "quickstart.yaml", [*TINY, f"train.run_dir={run_dir}", *extra])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def final_state(ckpt):
