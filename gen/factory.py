@@ -17,7 +17,8 @@ def build_backbone(cfg: Config, latent_shape: tuple[int, ...]) -> nn.Module:
     channels, height, width = latent_shape
     overrides = {k: getattr(cfg.model, k) for k in _OPTIONAL_MODEL_KEYS if getattr(cfg.model, k) is not None}
     return build_model(cfg.model.name, input_size=(height, width), in_channels=channels,
-                       num_classes=cfg.model.num_classes, qk_norm=cfg.model.qk_norm, **overrides)
+                       num_classes=cfg.model.num_classes, qk_norm=cfg.model.qk_norm, rope=cfg.model.rope,
+                       **overrides)
 
 
 def build_objective(cfg: Config, model: nn.Module):

@@ -98,10 +98,54 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`, optional per-head QK-norm."""
+def rotate_pairs(x: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs by 90 degrees: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., Dh/2, 2)
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+
+class Rope2D(nn.Module):
+    """2-D axial rotary position embedding of per-head queries/keys for an (h, w) token grid, row-major tokens.
+
+    Follows EVA-02's `VisionRotaryEmbeddingFast` as LightningDiT builds it (dim = head_dim / 2,
+    pt_seq_len = grid side; ERW uses LightningDiT's attention):
+    - channels [0, Dh/2) rotate by the token's row index, channels [Dh/2, Dh) by its column index;
+    - in each half, the interleaved pair (2j, 2j+1) turns at omega_j = theta^(-2j / (Dh/2)), j < Dh/4, theta 1e4;
+    - positions are the integer patch indices, not rescaled (EVA's ft_seq_len = pt_seq_len case);
+    - x -> x cos + rotate_pairs(x) sin, i.e. the pair (a, b) -> (a cos - b sin, b cos + a sin).
+    Unlike EVA, the grid may be rectangular and the angles are computed in float64 (tables stored in float32).
+    The tables are non-persistent buffers: no state-dict entries, official checkpoints load unchanged.
+    """
+
+    def __init__(self, head_dim: int, grid: tuple[int, int], theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        h, w = grid
+        omega = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # (Dh/4,)
+        rows = torch.arange(h, dtype=torch.float64)[:, None, None] * omega  # (h, 1, Dh/4)
+        cols = torch.arange(w, dtype=torch.float64)[None, :, None] * omega  # (1, w, Dh/4)
+        angles = torch.cat([rows.expand(h, w, -1), cols.expand(h, w, -1)], dim=-1)  # (h, w, Dh/2)
+        angles = angles.repeat_interleave(2, dim=-1).reshape(h * w, head_dim)  # (T, Dh), pairs share an angle
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., T, Dh) -> same shape and dtype; the rotation itself runs in float32."""
+        if x.shape[-2:] != self.cos.shape:
+            raise ValueError(f"RoPE built for (T, Dh) = {tuple(self.cos.shape)}, got {tuple(x.shape[-2:])}")
+        xf = x.float()
+        return (xf * self.cos + rotate_pairs(xf) * self.sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, optional per-head QK-norm and 2-D RoPE.
+
+    `rope` is the (h, w) token grid to rotate queries and keys on (after QK-norm, as LightningDiT); None: off.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope: tuple[int, int] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
@@ -111,6 +155,7 @@ class Attention(nn.Module):
         # REPA's qk_norm flag builds timm's Attention with an affine LayerNorm per head (eps 1e-5).
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.rope = Rope2D(self.head_dim, rope) if rope is not None else None  # no parameters, no state
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,6 +164,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)  # (N, H, T, Dh)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
@@ -138,12 +185,16 @@ class Mlp(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """adaLN-Zero transformer block (DiT paper, Fig. 3): gated, modulated attention and MLP."""
+    """adaLN-Zero transformer block (DiT paper, Fig. 3): gated, modulated attention and MLP.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    `rope`: the (h, w) token grid for 2-D RoPE in the attention, None: off.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 rope: tuple[int, int] | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))

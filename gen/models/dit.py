@@ -37,7 +37,10 @@ class BackboneOutput(NamedTuple):
 
 
 class Transformer(nn.Module):
-    """DiT/SiT backbone: patchify, sin-cos positions, adaLN-Zero blocks, modulated final layer."""
+    """DiT/SiT backbone: patchify, sin-cos positions, adaLN-Zero blocks, modulated final layer.
+
+    `qk_norm` and `rope` (2-D RoPE on q/k, LightningDiT/ERW style) are independent switches; both off: as published.
+    """
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class Transformer(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        rope: bool = False,
         zero_patch_bias: bool = True,
     ):
         super().__init__()
@@ -64,6 +68,7 @@ class Transformer(nn.Module):
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
+        self.rope = rope
         self.hidden_size = hidden_size
         self.depth = depth
         self.num_classes = num_classes
@@ -74,9 +79,11 @@ class Transformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         num_tokens = self.grid[0] * self.grid[1]
         # Fixed sin-cos positions, a frozen Parameter so it is in the state dict and the EMA like upstream.
+        # Kept with RoPE on: LightningDiT (hence ERW) adds pos_embed to the patch tokens with use_rope too.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        rope_grid = self.grid if rope else None  # 2-D RoPE on q/k in every block; tables are not saved
         self.blocks = nn.ModuleList(
-            [AdaLNBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+            [AdaLNBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, rope=rope_grid) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(zero_patch_bias)
