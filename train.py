@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from align.trainee import Trainee, build_aligners
-from gen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gen.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
@@ -59,6 +59,18 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except RuntimeError:  # a device without fused AdamW kernels
         return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def prepare_phase(accelerator, trainee, phase: str, cfg: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Train what `phase` trains with a fresh optimizer: (re)wrap the Trainee and its optimizer with Accelerate.
+
+    At ERW's transition this resets the optimizer (spec 3.2) and gives DDP the newly trainable parameters.
+    """
+    module = accelerator.unwrap_model(trainee, keep_fp32_wrapper=False)  # also drops the autocast forward wrapper
+    accelerator.free_memory()  # forget the previous phase's wrapped model and optimizer
+    module.set_phase(phase)
+    optimizer = make_optimizer(module, cfg)  # backbone and aligner heads; frozen encoders are not parameters
+    return accelerator.prepare(module, optimizer)
 
 
 def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None,
@@ -136,14 +148,24 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = build_backbone(cfg, latent.shape).to(device)
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg, model)
-    trainee = Trainee(model, objective, build_aligners(cfg, model), teacher=ema.model).to(device)  # SRA's teacher
+    cached = getattr(dataset, "feature_names", ())  # encoder features stored by prepare.py: no encoder runs for them
+    aligners = build_aligners(cfg, model, cached_targets=cached)
+    trainee = module = Trainee(model, objective, aligners, teacher=ema.model).to(device)  # the EMA: SRA's teacher
     if trainee.needs_pixels and isinstance(dataset, LatentCacheDataset):
-        raise ConfigError(f"config key 'align.methods': {cfg.align.methods} compute encoder targets from raw images, "
-                          f"which a latent cache does not hold; train from data.name=image_folder")
-    optimizer = make_optimizer(trainee, cfg)  # backbone and aligner heads; frozen encoders are not parameters
+        missing = sorted(set(cfg.align.repa_encoders) - set(cached))
+        raise ConfigError(f"config key 'align.methods': {cfg.align.methods} need targets of {missing}, which the "
+                          f"latent cache {cfg.data.path} does not hold (it has {list(cached)}); re-run prepare.py with "
+                          f"data.cache_features={cfg.align.repa_encoders}, or train from data.name=image_folder")
+    warm_cost = None
+    if trainee.warm is not None:  # a warmup step's cost in full steps, for honest compute accounting (spec 3.6)
+        warm_cost = trainee.aligners[trainee.warm].warmup_cost_ratio(model, cfg.data.image_size)
+        accelerator.print(f"{trainee.warm}: {trainee.aligners[trainee.warm].warmup_steps} warmup steps of "
+                          f"{warm_cost:.3f} full steps each")
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
-    trainee, optimizer = accelerator.prepare(trainee, optimizer)
+    # A checkpoint of step s was written by the phase of step s - 1; a transition at s happens after loading it.
+    step = checkpoint_step(ckpt) if ckpt is not None else 0
+    trainee, optimizer = prepare_phase(accelerator, trainee, trainee.phase_at(max(step - 1, 0)), cfg)
     fid_suite = MetricSuite(["fid"], cfg.eval, device) if cfg.log.fid_every_steps else None  # weights fail early
 
     state = {"step": 0}
@@ -169,6 +191,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
                       f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
     while step < t.max_steps:
+        if module.phase != module.phase_at(step):  # ERW's transition
+            trainee, optimizer = prepare_phase(accelerator, trainee, "full", cfg)
+            ema.reset(model)  # the EMA restarts from the warm weights (spec 3.2)
+            accelerator.print(f"step {step}: warmup done, training the whole model")
         step_random = step_draws(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
@@ -176,7 +202,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             with accelerator.accumulate(trainee):
                 x0, pixels = to_model_inputs(batch, latent, draws.pop("posterior"), draws.pop("flip", None), device)
                 y = batch["label"].to(device, non_blocking=True)
-                per_sample, terms = trainee(x0, y, step, draws, pixels=pixels)
+                per_sample, terms = trainee(x0, y, step, draws, pixels=pixels, target_feats=batch.get("feats"))
                 loss = per_sample.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
@@ -202,6 +228,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
                     f"train.mixed_precision=bf16, then resume from that checkpoint.")
+            if warm_cost is not None:  # warmup steps count at their cost (spec 3.6)
+                warmup_steps = module.aligners[module.warm].warmup_steps
+                logs["full_step_equivalents"] = min(step, warmup_steps) * warm_cost + max(step - warmup_steps, 0)
             if cfg.log.tracker != "none":
                 accelerator.log(logs, step=step)
             if accelerator.is_main_process:
@@ -210,7 +239,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if must_save:
             last_ckpt = save_checkpoint(accelerator, run_dir, step, ema,
                                         {"data_position": sampler.position(step)}, cfg, keep=t.keep_checkpoints)
-        if fid_suite is not None and (step % cfg.log.fid_every_steps == 0 or step == t.max_steps):
+        warming = module.phase == "warmup"  # no output layer trained yet: nothing to sample
+        if fid_suite is not None and not warming and (step % cfg.log.fid_every_steps == 0 or step == t.max_steps):
             fid = track_fid(fid_suite, ema, objective, latent, cfg, world, rank, device)
             record = {"step": step, f"fid{cfg.log.fid_num_samples}": fid}
             if cfg.log.tracker != "none":
@@ -218,7 +248,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if accelerator.is_main_process:
                 append_jsonl(run_dir / "logs" / "scalars.jsonl", record)
                 tqdm.write(f"step {step}: FID-{cfg.log.fid_num_samples} {fid:.3f}")
-        if cfg.log.preview_every_steps and (step % cfg.log.preview_every_steps == 0 or step == t.max_steps):
+        if cfg.log.preview_every_steps and not warming and (step % cfg.log.preview_every_steps == 0
+                                                            or step == t.max_steps):
             preview(accelerator, ema, objective, latent, cfg, step)
             accelerator.wait_for_everyone()
     bar.close()

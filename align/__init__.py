@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from align.base import SCHEDULES, AlignBatch, Aligner, WeightSchedule
 from align.encoders import ENCODERS, FrozenEncoder, build_encoder
+from align.erw import ERW
 from align.repa import REPA
 from align.sra import SRA
 
@@ -10,11 +11,13 @@ from align.sra import SRA
 ALIGNERS: dict[str, type[Aligner]] = {
     "repa": REPA,
     "sra": SRA,
+    "erw": ERW,
 }
 
 __all__ = [
     "ALIGNERS",
     "ENCODERS",
+    "ERW",
     "REPA",
     "SCHEDULES",
     "SRA",

@@ -72,6 +72,7 @@ class Aligner(nn.Module, ABC):
     """An auxiliary loss on the student's tapped token features (REPA, SRA, ERW)."""
 
     taps: tuple[int, ...]  # student blocks it reads (1-based: output after k blocks)
+    warmup_steps: int = 0  # steps of an own warmup phase before the joint training (ERW), see `warmup_loss`
 
     def __init__(self, schedule: WeightSchedule):
         super().__init__()
@@ -84,6 +85,21 @@ class Aligner(nn.Module, ABC):
     @abstractmethod
     def forward(self, feats: dict[int, Tensor], batch: AlignBatch) -> dict[str, Tensor]:
         """`"loss"`: (N,) per-sample loss (unweighted); other entries: detached scalar logs."""
+
+    def warmup_loss(self, model: nn.Module, x0: Tensor, y: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
+        """Aligners with `warmup_steps > 0`: the whole per-sample loss of a warmup step (only it trains then)."""
+        raise NotImplementedError(f"{type(self).__name__} has no warmup phase")
+
+    def warm_parameters(self) -> tuple[str, ...]:
+        """Aligners with a warmup: name prefixes of the backbone parameters the warmup trains."""
+        raise NotImplementedError(f"{type(self).__name__} has no warmup phase")
+
+    def end_warmup(self, generator) -> None:
+        """Aligners with a warmup: called once when the joint training begins (e.g. to re-draw heads)."""
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        """Check this method's `align.*` keys against the run config; raise gen.config.ConfigError."""
 
     @classmethod
     @abstractmethod

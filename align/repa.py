@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from align.base import AlignBatch, Aligner, WeightSchedule
 from align.encoders import ENCODERS, FrozenEncoder, build_encoder
+from gen.config import check
 from gen.models.dit import FAMILIES, SIZES
 
 # Aligned block per model size (spec 1.2): B 4 (paper Table 7), L and XL 8 (README default). S is not
@@ -33,6 +34,42 @@ def default_depth(model_name: str) -> int:
     if model_name not in MODEL_SIZES:
         raise KeyError(f"no default REPA depth for model {model_name!r}: set align.repa_depth")
     return DEFAULT_DEPTH[MODEL_SIZES[model_name]]
+
+
+def config_blocks(cfg) -> int | None:
+    """The number of blocks the configured backbone will have (None for an unregistered name)."""
+    size = MODEL_SIZES.get(cfg.model.name)
+    return cfg.model.depth or (SIZES[size]["depth"] if size else None)
+
+
+def check_encoders(cfg) -> None:
+    """`align.repa_encoders` (shared by REPA and ERW): a non-empty list of distinct registered encoders."""
+    names = cfg.align.repa_encoders
+    bad = [k for k in names if k not in ENCODERS]
+    check(bool(names) and not bad and len(set(names)) == len(names), "align.repa_encoders",
+          f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {names}")
+    check(cfg.align.repa_projector_dim > 0, "align.repa_projector_dim", "must be positive")
+
+
+def check_layer(cfg, key: str, layer: int | None, default) -> None:
+    """`align.<key>` (a 1-based block) or its size default (`default(model_name)`) lies within the backbone."""
+    check(layer is not None or cfg.model.name in MODEL_SIZES, f"align.{key}",
+          f"no default for model {cfg.model.name!r}: set it")
+    blocks = config_blocks(cfg)
+    layer = layer if layer is not None else default(cfg.model.name)
+    check(layer >= 1 and (blocks is None or layer <= blocks), f"align.{key}",
+          f"{layer} must lie in 1..{blocks} (the model's blocks)")
+
+
+def build_targets(cfg, model: nn.Module, cached_targets: Collection[str] = ()) -> tuple[dict, dict[str, int]]:
+    """`align.repa_encoders` for `model`'s token grid: the frozen encoders to run (those not in the cache) and
+    every target's width."""
+    a = cfg.align
+    encoders = {
+        name: build_encoder(name, a.encoder_weights.get(name), cfg.data.image_size, model.grid)
+        for name in a.repa_encoders if name not in cached_targets
+    }
+    return encoders, {name: encoders[name].dim if name in encoders else ENCODERS[name].dim for name in a.repa_encoders}
 
 
 def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
@@ -91,8 +128,11 @@ class REPA(Aligner):
         return encoder(batch.pixels)
 
     def forward(self, feats: dict[int, Tensor], batch: AlignBatch) -> dict[str, Tensor]:
-        """Per-sample REPA loss (N,) and the mean cosine per encoder (detached)."""
-        h = feats[self.depth]  # (N, T, D)
+        """Per-sample REPA loss (N,) on the tokens after block `depth`, and the mean cosine per encoder (detached)."""
+        return self.align_tokens(feats[self.depth], batch)
+
+    def align_tokens(self, h: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
+        """Per-sample loss (N,) of student tokens h (N, T, D) against the batch's targets, mean over encoders."""
         losses, logs = [], {}
         for name, projector in zip(self.names, self.projectors):
             z = self.targets(name, batch, h.device)  # (N, T, d)
@@ -119,17 +159,22 @@ class REPA(Aligner):
         self.load_state_dict(dict(state), strict=True)
 
     @classmethod
+    def validate_config(cls, cfg) -> None:
+        """The repa_* keys (spec section 1)."""
+        a = cfg.align
+        check_encoders(cfg)
+        check_layer(cfg, "repa_depth", a.repa_depth, default_depth)
+        check(a.repa_coeff >= 0, "align.repa_coeff", "must be >= 0")
+        check(a.repa_stop_step is None or a.repa_stop_step > 0, "align.repa_stop_step", "null or a positive step")
+
+    @classmethod
     def from_config(cls, cfg, model: nn.Module, *, cached_targets: Collection[str] = ()) -> REPA:
         """Build from `cfg.align` (repa_* keys) for the student `model`; cached encoders are not loaded."""
         a = cfg.align
         depth = a.repa_depth if a.repa_depth is not None else default_depth(cfg.model.name)
         if depth > model.depth:
             raise ValueError(f"config key 'align.repa_depth': {depth} exceeds the model's {model.depth} blocks")
-        encoders = {
-            name: build_encoder(name, a.encoder_weights.get(name), cfg.data.image_size, model.grid)
-            for name in a.repa_encoders if name not in cached_targets
-        }
-        dims = {name: encoders[name].dim if name in encoders else ENCODERS[name].dim for name in a.repa_encoders}
+        encoders, dims = build_targets(cfg, model, cached_targets)
         schedule = WeightSchedule(a.repa_coeff, stop_step=a.repa_stop_step)
         return cls(model.hidden_size, dims, depth, projector_dim=a.repa_projector_dim, schedule=schedule,
                    encoders=encoders)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.base import AlignBatch, Aligner, WeightSchedule
-from align.repa import MODEL_SIZES
+from align.repa import MODEL_SIZES, check_layer
+from gen.config import check
 from gen.factory import build_objective
 
 # (student, teacher) block pair per (family, size) (spec 2.2, 1-indexed block outputs). SiT-S is not reported:
@@ -127,6 +128,21 @@ class SRA(Aligner):
             cos = F.cosine_similarity(pred.float(), h_t.float(), dim=-1).mean()
             gap = (batch.t.double() - t_t.double()).mean()
         return {"loss": loss, "cos": cos, "t_gap": gap.float()}
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        """The sra_* keys (spec section 2)."""
+        a = cfg.align
+        explicit = a.sra_student_layer is not None and a.sra_teacher_layer is not None
+        check(explicit or cfg.model.name in MODEL_SIZES, "align.sra_student_layer",
+              f"no default SRA layers for model {cfg.model.name!r}: set align.sra_student_layer and "
+              f"sra_teacher_layer")
+        for key, index in (("sra_student_layer", 0), ("sra_teacher_layer", 1)):
+            check_layer(cfg, key, getattr(a, key), lambda name, i=index: default_pair(name)[i])
+        check(0.0 <= a.sra_t_max <= 1.0, "align.sra_t_max", "must lie in [0, 1]")
+        check(a.sra_loss in SRA_LOSSES, "align.sra_loss", f"one of {sorted(SRA_LOSSES)}, got {a.sra_loss!r}")
+        check(a.sra_coeff >= 0, "align.sra_coeff", "must be >= 0")
+        check(a.sra_stop_step is None or a.sra_stop_step > 0, "align.sra_stop_step", "null or a positive step")
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, *, cached_targets: Collection[str] = ()) -> SRA:

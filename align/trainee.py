@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from align.base import AlignBatch, Aligner
+from gen.objectives.base import drop_labels
 
 
 class Trainee(nn.Module):
@@ -25,6 +26,35 @@ class Trainee(nn.Module):
         # The trainer's EMA model (SRA teacher), held in a list so it is no submodule: it stays out of
         # state_dict(), parameters(), .to() and the DDP wrapper; the EMA update keeps owning it.
         self._teacher: list[nn.Module] = [] if teacher is None else [teacher]
+        warm = [name for name, a in self.aligners.items() if a.warmup_steps > 0]
+        if len(warm) > 1:
+            raise ValueError(f"aligners {warm} each want a warmup phase; at most one can have one")
+        self.warm = warm[0] if warm else None  # the aligner owning the warmup phase (ERW), by name
+        self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        self.phase = "full"
+
+    def phase_at(self, step: int) -> str:
+        """"warmup" while the warm aligner's warmup lasts (steps 0..W-1), then "full"."""
+        if self.warm is not None and step < self.aligners[self.warm].warmup_steps:
+            return "warmup"
+        return "full"
+
+    def set_phase(self, phase: str) -> None:
+        """Make trainable what `phase` trains: everything, or the warm aligner and the backbone parts it names.
+
+        Parameters of the other parts get requires_grad=False, so neither the optimizer built afterwards nor a
+        DDP wrapper sees them: they keep their values exactly (their initialisation, during a warmup).
+        """
+        if phase not in ("warmup", "full"):
+            raise ValueError(f"unknown phase {phase!r}")
+        if phase == "warmup" and self.warm is None:
+            raise ValueError("no aligner has a warmup phase")
+        keep = ()
+        if phase == "warmup":
+            keep = (f"aligners.{self.warm}.", *(f"model.{p}" for p in self.aligners[self.warm].warm_parameters()))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in self._trainable and (phase == "full" or name.startswith(keep)))
+        self.phase = phase
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -49,6 +79,8 @@ class Trainee(nn.Module):
         """loss = denoise + sum_i weight_i(step) * aligner_i (per sample), and the terms for logging."""
         draws = dict(draws)
         uniform = draws.pop("uniform", None)  # the aligners' per-sample randomness, not an objective input
+        if self.phase == "warmup":
+            return self._warmup_forward(x0, y, step, draws, pixels, target_feats)
         out = self.objective.loss(self.model, x0, y, taps=self.taps, **draws)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
         if self.aligners:
@@ -63,6 +95,18 @@ class Trainee(nn.Module):
                 logs[name] = result["loss"].detach()
                 logs.update({f"{name}/{k}": v.detach().reshape(-1) for k, v in result.items() if k != "loss"})
         return total, logs
+
+
+    def _warmup_forward(self, x0: Tensor, y: Tensor, step: int, draws: dict[str, Tensor], pixels: Tensor | None,
+                        target_feats: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """A warmup step: the warm aligner's loss alone, on the clean input with the step's label dropout."""
+        y = drop_labels(y, self.objective.label_dropout, self.objective.null_class, draws.get("drop"))
+        zeros = torch.zeros(x0.shape[0], device=x0.device)
+        batch = AlignBatch(x0=x0, x_t=x0, t=zeros, noise=torch.zeros_like(x0), y=y, step=step, pixels=pixels,
+                           target_feats=target_feats)
+        result = self.aligners[self.warm].warmup_loss(self.model, x0, y, batch)
+        logs = {f"{self.warm}/warmup/{k}": v.detach().reshape(-1) for k, v in result.items() if k != "loss"}
+        return result["loss"], {f"{self.warm}/warmup": result["loss"].detach(), **logs}
 
 
 def build_aligners(cfg, model: nn.Module, cached_targets=()) -> dict[str, Aligner]:

@@ -43,6 +43,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer steps a complete checkpoint holds (before loading it)."""
+    state = Path(path) / "train_state.json"
+    if not state.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.json)")
+    return int(json.loads(state.read_text())["step"])
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_state: dict, cfg: Config,
                     keep: int = 0) -> Path:
     """Write the checkpoint of `step` atomically (all processes call this); returns its folder."""

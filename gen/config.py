@@ -35,6 +35,8 @@ class ModelConfig:
     """Predict a variance too (2x output channels); null keeps the family default (DiT yes, SiT no)."""
     qk_norm: bool = False
     """Per-head LayerNorm on queries and keys (REPA's --qk-norm)."""
+    rope: bool = False
+    """2-D rotary position embedding on q/k in every attention (LightningDiT/ERW style); off: DiT/SiT as published."""
     depth: Optional[int] = None
     """Number of blocks; null keeps the size table's value."""
     hidden_size: Optional[int] = None
@@ -93,6 +95,8 @@ class DataConfig:
     """Random horizontal flips (DiT/SiT use them; REPA does not)."""
     num_workers: int = 4
     """DataLoader worker processes per training process."""
+    cache_features: List[str] = field(default_factory=list)
+    """prepare.py: encoders (ENCODERS keys, align.encoder_weights) whose features it caches; training runs none."""
 
 
 @dataclass
@@ -201,11 +205,11 @@ class AlignConfig:
     encoder_weights: Dict[str, str] = field(default_factory=dict)
     """Local weights per encoder name (file, timm/HF folder, or an HF repo id in the local cache); unlisted: caches."""
     repa_encoders: List[str] = field(default_factory=lambda: ["dinov2-vit-b"])
-    """REPA target encoders (align.encoders.ENCODERS keys), one projector each, losses averaged."""
+    """REPA (and ERW) target encoders (align.encoders.ENCODERS keys), one projector each, losses averaged."""
     repa_depth: Optional[int] = None
     """REPA: student block aligned (1-based, output after k blocks); null: size default S 4, B 4, L 8, XL 8."""
     repa_projector_dim: int = 2048
-    """REPA: hidden width of the projector MLP D -> dim -> dim -> encoder width."""
+    """REPA and ERW: hidden width of the projector MLP D -> dim -> dim -> encoder width."""
     repa_coeff: float = 0.5
     """REPA: loss weight lambda (paper 0.5)."""
     repa_stop_step: Optional[int] = None
@@ -222,6 +226,21 @@ class AlignConfig:
     """SRA: loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
     sra_stop_step: Optional[int] = None
     """SRA: weight 0 from this optimizer step on; null keeps it on."""
+    erw_warmup_steps: int = 100_000
+    """ERW phase 1: steps training only the embedders, blocks 1..erw_warm_depth and the projector on clean latents
+    at t=0 (part of train.max_steps: the paper's XL run is 100K warmup + 200K full = 300K)."""
+    erw_warm_depth: int = 4
+    """ERW phase 1: blocks warmed; the projector reads block K (reference code default 4, paper's best 5)."""
+    erw_warmup_coeff: float = 0.5
+    """ERW phase 1: weight of the warmup loss (per-token negative cosine to align.repa_encoders' features)."""
+    erw_depth: Optional[int] = None
+    """ERW phase 2: block REPA aligns (1-based); null: SiT/DiT-XL 14 (ERW README), other sizes REPA's default."""
+    erw_coeff: Optional[float] = None
+    """ERW phase 2: REPA weight c0 at the transition, lambda(k) = c0 * 2^(-(k - W) / H); null: XL 6, L 3, S/B 1."""
+    erw_half_life_steps: float = 50_000
+    """ERW phase 2: H, the steps over which the REPA weight halves (reference 50K)."""
+    erw_reuse_projector: bool = True
+    """ERW transition: phase 2 keeps the phase-1 projector (reference; it was trained on block K); false re-draws it."""
 
 
 @dataclass
@@ -342,7 +361,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
 
@@ -352,25 +372,25 @@ def validate(cfg: Config) -> None:
     from gen.models import MODELS
     from gen.objectives import OBJECTIVES
 
-    _check(cfg.model.name in MODELS, "model.name",
+    check(cfg.model.name in MODELS, "model.name",
            f"unknown model {cfg.model.name!r}; close: {difflib.get_close_matches(cfg.model.name, MODELS, n=3)}")
-    _check(cfg.objective.name in OBJECTIVES, "objective.name", f"one of {sorted(OBJECTIVES)}")
+    check(cfg.objective.name in OBJECTIVES, "objective.name", f"one of {sorted(OBJECTIVES)}")
     objective = OBJECTIVES[cfg.objective.name]
-    _check(cfg.sampler.sampler in objective.SAMPLERS, "sampler.sampler",
+    check(cfg.sampler.sampler in objective.SAMPLERS, "sampler.sampler",
            f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
-    _check(0.0 <= cfg.objective.label_dropout < 1.0, "objective.label_dropout", "must lie in [0, 1)")
+    check(0.0 <= cfg.objective.label_dropout < 1.0, "objective.label_dropout", "must lie in [0, 1)")
     lo_hi = cfg.sampler.cfg_interval
-    _check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
+    check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
     t = cfg.train
-    _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
-    _check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")
-    _check(t.max_steps > 0 and t.ckpt_every_steps > 0, "train.max_steps", "steps must be positive")
-    _check(cfg.log.tracker in ("tensorboard", "wandb", "none"), "log.tracker", "one of tensorboard, wandb, none")
-    _check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
-    _check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",
+    check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
+    check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")
+    check(t.max_steps > 0 and t.ckpt_every_steps > 0, "train.max_steps", "steps must be positive")
+    check(cfg.log.tracker in ("tensorboard", "wandb", "none"), "log.tracker", "one of tensorboard, wandb, none")
+    check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
+    check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",
            "log.fid_every_steps needs reference statistics (an ADM .npz or a folder of images)")
-    _check(cfg.sample.labels in ("random", "balanced"), "sample.labels", "random or balanced")
-    _check(cfg.sample.rounding in ("round", "floor"), "sample.rounding", "round or floor")
+    check(cfg.sample.labels in ("random", "balanced"), "sample.labels", "random or balanced")
+    check(cfg.sample.rounding in ("round", "floor"), "sample.rounding", "round or floor")
     _validate_eval(cfg.eval)
     _validate_align(cfg)
 
@@ -382,69 +402,33 @@ def _validate_eval(e: EvalConfig) -> None:
     from gen.eval.scores import PR_MODES
 
     unknown = [m for m in e.metrics if m not in METRICS]
-    _check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(METRICS)}")
-    _check(e.pr_mode in PR_MODES, "eval.pr_mode", f"one of {', '.join(PR_MODES)}")
-    _check(e.dinov2_arch in DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(DINOV2_ARCHS)}")
-    _check(e.pr_k > 0 and e.pr_reference_size > e.pr_k, "eval.pr_k", "k > 0 and fewer than eval.pr_reference_size")
-    _check(e.is_split_size > 0 and e.batch_per_process > 0, "eval.batch_per_process", "sizes must be positive")
-    _check(e.image_size is None or e.image_size > 0, "eval.image_size", "a positive size or null")
+    check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(METRICS)}")
+    check(e.pr_mode in PR_MODES, "eval.pr_mode", f"one of {', '.join(PR_MODES)}")
+    check(e.dinov2_arch in DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(DINOV2_ARCHS)}")
+    check(e.pr_k > 0 and e.pr_reference_size > e.pr_k, "eval.pr_k", "k > 0 and fewer than eval.pr_reference_size")
+    check(e.is_split_size > 0 and e.batch_per_process > 0, "eval.batch_per_process", "sizes must be positive")
+    check(e.image_size is None or e.image_size > 0, "eval.image_size", "a positive size or null")
 
 
 def _validate_align(cfg: Config) -> None:
-    """The align section; the align package (and timm) is imported only when alignment is configured."""
+    """The align section: method names and encoder keys here, each method's own keys by its `validate_config`.
+
+    The align package (and timm) is imported only when alignment is configured.
+    """
     a = cfg.align
     if not a.methods and not a.encoder_weights:
         return
     from align import ALIGNERS, ENCODERS
-    from align.repa import MODEL_SIZES, default_depth
-    from gen.models import SIZES
 
     unknown = [m for m in a.methods if m not in ALIGNERS]
-    _check(not unknown and len(set(a.methods)) == len(a.methods), "align.methods",
-           f"distinct keys of {sorted(ALIGNERS)}, got {a.methods}")
+    check(not unknown and len(set(a.methods)) == len(a.methods), "align.methods",
+          f"distinct keys of {sorted(ALIGNERS)}, got {a.methods}")
+    check(not {"repa", "erw"} <= set(a.methods), "align.methods",
+          "erw already trains REPA (with a decaying weight) after its warmup: list repa or erw, not both")
     bad = [k for k in a.encoder_weights if k not in ENCODERS]
-    _check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(ENCODERS)}")
-    if "sra" in a.methods:
-        _validate_sra(cfg)
-    if "repa" not in a.methods:
-        return
-    bad = [k for k in a.repa_encoders if k not in ENCODERS]
-    _check(bool(a.repa_encoders) and not bad and len(set(a.repa_encoders)) == len(a.repa_encoders),
-           "align.repa_encoders", f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {a.repa_encoders}")
-    _check(a.repa_depth is not None or cfg.model.name in MODEL_SIZES, "align.repa_depth",
-           f"no default depth for model {cfg.model.name!r}: set it")
-    size = MODEL_SIZES.get(cfg.model.name)
-    blocks = cfg.model.depth or (SIZES[size]["depth"] if size else None)
-    depth = a.repa_depth if a.repa_depth is not None else default_depth(cfg.model.name)
-    _check(depth >= 1 and (blocks is None or depth <= blocks), "align.repa_depth",
-           f"{depth} must lie in 1..{blocks} (the model's blocks)")
-    _check(a.repa_projector_dim > 0, "align.repa_projector_dim", "must be positive")
-    _check(a.repa_coeff >= 0, "align.repa_coeff", "must be >= 0")
-    _check(a.repa_stop_step is None or a.repa_stop_step > 0, "align.repa_stop_step", "null or a positive step")
-
-
-def _validate_sra(cfg: Config) -> None:
-    """The sra_* keys of the align section (spec section 2)."""
-    from align.repa import MODEL_SIZES
-    from align.sra import SRA_LOSSES, default_pair
-    from gen.models import SIZES
-
-    a = cfg.align
-    explicit = a.sra_student_layer is not None and a.sra_teacher_layer is not None
-    _check(explicit or cfg.model.name in MODEL_SIZES, "align.sra_student_layer",
-           f"no default SRA layers for model {cfg.model.name!r}: set align.sra_student_layer and sra_teacher_layer")
-    size = MODEL_SIZES.get(cfg.model.name)
-    blocks = cfg.model.depth or (SIZES[size]["depth"] if size else None)
-    pair = (a.sra_student_layer, a.sra_teacher_layer) if explicit else default_pair(cfg.model.name)
-    for key, given, layer in (("sra_student_layer", a.sra_student_layer, pair[0]),
-                              ("sra_teacher_layer", a.sra_teacher_layer, pair[1])):
-        layer = given if given is not None else layer
-        _check(layer >= 1 and (blocks is None or layer <= blocks), f"align.{key}",
-               f"{layer} must lie in 1..{blocks} (the model's blocks)")
-    _check(0.0 <= a.sra_t_max <= 1.0, "align.sra_t_max", "must lie in [0, 1]")
-    _check(a.sra_loss in SRA_LOSSES, "align.sra_loss", f"one of {sorted(SRA_LOSSES)}, got {a.sra_loss!r}")
-    _check(a.sra_coeff >= 0, "align.sra_coeff", "must be >= 0")
-    _check(a.sra_stop_step is None or a.sra_stop_step > 0, "align.sra_stop_step", "null or a positive step")
+    check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(ENCODERS)}")
+    for method in a.methods:
+        ALIGNERS[method].validate_config(cfg)
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -25,6 +25,11 @@ class EMA:
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average from `model`'s current weights (ERW's transition), keeping this copy's identity."""
+        self.model.load_state_dict(model.state_dict(), strict=True)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights (the network's own state-dict keys)."""
         return self.model.state_dict()

@@ -45,6 +45,6 @@ def test_repa_from_a_latent_cache_without_features_is_refused(tmp_path, assets):
                                     "--out", tmp_path / "cache"])
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = repa_config(tmp_path / "run", assets, "SiT-S/2", "data.name=latent_cache", f"data.path={tmp_path / 'cache'}")
-    with pytest.raises(ConfigError, match="align.methods.*raw images"):
+    with pytest.raises(ConfigError, match="align.methods.*does not hold.*data.cache_features"):
         train_job.train(cfg)
     assert not (tmp_path / "run").exists()
