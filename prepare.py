@@ -8,6 +8,10 @@ cfg.data names the source (digits or image_folder) and cfg.latent the encoding. 
 [k*S, (k+1)*S) and is written by process k % world_size, each file atomically (temporary file, then rename),
 so a killed run resumes by skipping complete shards; meta.json, which makes the cache usable, comes last.
 Train on the result with data.name=latent_cache data.path=DIR and the same latent.* / data.image_size.
+
+data.cache_features=[dinov2-vit-b] (weights from align.encoder_weights) also stores each frozen encoder's patch
+tokens on the configured backbone's token grid (model.*), float16 (N, T, d) per shard, from the same unflipped
+images (spec section 1.5): REPA then reads them from the cache and training runs no encoder.
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from gen.config import ConfigError, load_config
-from gen.data import META, DataError, build_dataset, dataset_channels, labels_file, shard_file
+from gen.data import META, DataError, build_dataset, dataset_channels, features_file, labels_file, shard_file
+from gen.factory import build_backbone
 from latents import build_latent
 
 IN_PROGRESS = "prepare.json"
@@ -56,19 +62,44 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _complete(out: Path, k: int, n: int, raw_shape: tuple) -> bool:
+def _complete(out: Path, k: int, n: int, raw_shape: tuple, feature_shapes: dict | None = None) -> bool:
     """Shard k exists with the expected shapes (its files were renamed into place, hence whole)."""
+    feature_shapes = feature_shapes or {}
     try:
         raw = np.load(out / shard_file(k), mmap_mode="r")
         labels = np.load(out / labels_file(k), mmap_mode="r")
+        feats = {name: np.load(out / features_file(name, k), mmap_mode="r") for name in feature_shapes}
     except (OSError, ValueError):
         return False
     return raw.shape == (n, *raw_shape) and raw.dtype == np.float32 and labels.shape == (n,) \
-        and labels.dtype == np.int64
+        and labels.dtype == np.int64 \
+        and all(f.shape == (n, *feature_shapes[name]) and f.dtype == np.float16 for name, f in feats.items())
 
 
-def build_meta(cfg, dataset, latent, shard_size: int) -> dict:
-    """What meta.json records: shapes, counts, the latent space's settings and the source."""
+def build_encoders(cfg, latent, device) -> dict:
+    """The frozen encoders cfg.data.cache_features names, on the configured backbone's token grid, by name."""
+    names = list(cfg.data.cache_features)
+    if not names:
+        return {}
+    from align.encoders import ENCODERS, build_encoder  # timm: only imported when features are asked for
+
+    if any(name not in ENCODERS for name in names) or len(set(names)) != len(names):
+        raise ConfigError(f"config key 'data.cache_features': distinct keys of {sorted(ENCODERS)}, got {names}")
+    with torch.device("meta"):  # only the grid is needed: no memory, no initialisation
+        grid = build_backbone(cfg, latent.shape).grid  # one target token per backbone token (spec 1.3)
+    return {name: build_encoder(name, cfg.align.encoder_weights.get(name), cfg.data.image_size, grid).to(device)
+            for name in names}
+
+
+def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = None) -> dict:
+    """What meta.json records: shapes, counts, the latent space's settings, the source and any encoder features."""
+    features = {
+        # Computed with an fp32 forward (no autocast), stored as fp16: slightly off REPA's per-step autocast
+        # features (spec 1.5).
+        name: {"shape": [enc.num_tokens, enc.dim], "dtype": "float16", "computed_in": "float32",
+               "encoder": enc.spec.arch, "weights": cfg.align.encoder_weights.get(name)}
+        for name, enc in (encoders or {}).items()
+    }
     return {
         "format": 1,
         "raw_shape": list(latent.raw_shape),
@@ -82,6 +113,7 @@ def build_meta(cfg, dataset, latent, shard_size: int) -> dict:
         "num_classes": int(dataset.num_classes),
         # Unflipped images (REPA trains without flips, spec section 8); build_dataset never flips.
         "source": {"name": cfg.data.name, "path": cfg.data.path, "split": "train", "hflip": False},
+        **({"features": features} if features else {}),  # absent without features: older caches stay valid
     }
 
 
@@ -91,22 +123,41 @@ def check_out(out: Path, meta: dict) -> bool:
         if (out / name).is_file():
             found = json.loads((out / name).read_text())
             if found != meta:
-                differs = sorted(k for k in meta if found.get(k) != meta[k])
+                differs = sorted(k for k in meta.keys() | found.keys() if found.get(k) != meta.get(k))
                 raise DataError(f"{out / name} describes a different cache (differs in {differs}); pass another "
                                 f"--out folder or delete {out}")
     return (out / META).is_file()
 
 
-def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_workers: int, device, bar) -> tuple:
-    """Raw latents and labels of shard k."""
+def _float16(feats: np.ndarray, name: str, k: int) -> np.ndarray:
+    """`feats` as float16, refusing values the cast would turn into inf (or that are not finite already)."""
+    peak = float(np.abs(feats).max()) if feats.size else 0.0
+    if not peak <= float(np.finfo(np.float16).max):  # NaN too
+        raise DataError(f"encoder {name!r} gives features up to |{peak:.4g}| in shard {k}, beyond float16's range "
+                        f"({np.finfo(np.float16).max:.0f}), so they cannot be cached; drop {name} from "
+                        f"data.cache_features and let training run it on the images (data.name=image_folder)")
+    return feats.astype(np.float16)
+
+
+def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_workers: int, device, bar,
+                 encoders: dict | None = None) -> tuple:
+    """Raw latents, labels and the encoders' float16 features (by name) of shard k."""
+    encoders = encoders or {}
     indices = range(k * shard_size, min((k + 1) * shard_size, len(dataset)))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
-    raws, labels = [], []
+    raws, labels, done = [], [], 0
+    # Filled batch by batch: a shard's float32 features would take twice the memory (DINOv2-B: 0.8 MB per image).
+    feats = {name: np.empty((len(indices), enc.num_tokens, enc.dim), np.float16) for name, enc in encoders.items()}
     for batch in loader:
-        raws.append(latent.encode_raw(batch["image"].to(device)).float().cpu().numpy())
+        images = batch["image"].to(device)
+        raws.append(latent.encode_raw(images).float().cpu().numpy())
         labels.append(batch["label"].numpy().astype(np.int64))
-        bar.update(len(batch["label"]))
-    return np.concatenate(raws), np.concatenate(labels)
+        pixels = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # grayscale as RGB, as train.py
+        for name, encoder in encoders.items():
+            feats[name][done:done + len(images)] = _float16(encoder(pixels).float().cpu().numpy(), name, k)
+        done += len(images)
+        bar.update(len(images))
+    return np.concatenate(raws), np.concatenate(labels), feats
 
 
 def main(argv=None) -> None:
@@ -124,7 +175,9 @@ def main(argv=None) -> None:
     latent = build_latent(cfg)
     # Missing weights or a foreign cache in `out` fail here, before anything is written.
     latent.load_weights(accelerator.device)
-    meta = build_meta(cfg, dataset, latent, args.shard_size)
+    encoders = build_encoders(cfg, latent, accelerator.device)
+    meta = build_meta(cfg, dataset, latent, args.shard_size, encoders)
+    feature_shapes = {name: tuple(f["shape"]) for name, f in meta.get("features", {}).items()}
     if check_out(out, meta):
         accelerator.print(f"{out} is already a complete cache of {meta['count']} items")
         return
@@ -141,27 +194,31 @@ def main(argv=None) -> None:
         """Items in shard k (the last one is short)."""
         return min(args.shard_size, meta["count"] - k * args.shard_size)
 
-    todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape)]
+    todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape, feature_shapes)]
     accelerator.print(f"{meta['num_shards']} shards of {args.shard_size} over {world} processes; process 0 "
                       f"skips {len(shards) - len(todo)} complete, encodes {len(todo)}")
     bar = tqdm(total=sum(size(k) for k in todo), desc=f"prepare {out.name}", unit="img",
                disable=not accelerator.is_main_process)
     for k in todo:
-        raw, labels = encode_shard(dataset, latent, k, args.shard_size, args.batch_size, cfg.data.num_workers,
-                                   accelerator.device, bar)
+        raw, labels, feats = encode_shard(dataset, latent, k, args.shard_size, args.batch_size,
+                                          cfg.data.num_workers, accelerator.device, bar, encoders)
         _write_npy(out / labels_file(k), labels)
+        for name, array in feats.items():
+            _write_npy(out / features_file(name, k), array)
         _write_npy(out / shard_file(k), raw)  # the shard file last: its presence marks the shard complete
     bar.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        missing = [k for k in range(meta["num_shards"]) if not _complete(out, k, size(k), latent.raw_shape)]
+        missing = [k for k in range(meta["num_shards"])
+                   if not _complete(out, k, size(k), latent.raw_shape, feature_shapes)]
         if missing:
             raise DataError(f"shards {missing[:5]} of {out} are missing after encoding; re-run prepare.py")
         _write_json(out / META, meta)
         (out / IN_PROGRESS).unlink()
-        accelerator.print(f"wrote {out}: {meta['count']} items of raw shape {tuple(meta['raw_shape'])}; train with "
-                          f"data.name=latent_cache data.path={out}")
+        accelerator.print(f"wrote {out}: {meta['count']} items of raw shape {tuple(meta['raw_shape'])}"
+                          + "".join(f", {name} features {shape}" for name, shape in feature_shapes.items())
+                          + f"; train with data.name=latent_cache data.path={out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -149,6 +149,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg, model)
     cached = getattr(dataset, "feature_names", ())  # encoder features stored by prepare.py: no encoder runs for them
+    tokens = model.grid[0] * model.grid[1]
+    wrong = {k: s for k, s in getattr(dataset, "feature_shapes", {}).items() if s[0] != tokens}
+    if wrong and cfg.align.methods:
+        raise ConfigError(f"config key 'data.path': the cached encoder features {wrong} (tokens, width) do not match "
+                          f"this backbone's {tokens} tokens; re-run prepare.py with this run's model.name")
     aligners = build_aligners(cfg, model, cached_targets=cached)
     trainee = module = Trainee(model, objective, aligners, teacher=ema.model).to(device)  # the EMA: SRA's teacher
     if trainee.needs_pixels and isinstance(dataset, LatentCacheDataset):

@@ -265,6 +265,7 @@ def build_encoder(name: str, weights: str | Path | None, image_size, grid, *, co
     spec = ENCODERS[name]
     config_key = config_key or f"align.encoder_weights.{name}"
     path = find_weights(name, weights, config_key)
-    model = create_encoder_model(spec, grid, **arch_overrides)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the run's RNG stream alone,
+        model = create_encoder_model(spec, grid, **arch_overrides)  # so cached and online targets train alike
     load_encoder_state(model, spec, path, name, config_key)
     return FrozenEncoder(name, spec, model, image_size, grid)

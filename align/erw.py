@@ -1,4 +1,4 @@
-"""ERW (Liu et al. 2025, spec section 3): warm the first blocks up on encoder features, then REPA with a decaying weight.
+"""ERW (Liu et al. 2025, spec section 3): warm the first blocks up on encoder features, then REPA, decaying weight.
 
 Phase 1 (steps 0..W-1, `warmup_loss`): only the embedders, blocks 1..K and the projector train. The student sees
 the clean latent x0 with the time embedding of t = 0 and its post-dropout label, stops after block K (no final
@@ -141,7 +141,8 @@ class ERW(REPA):
                              f"exceed the model's {model.depth} blocks")
         encoders, dims = build_targets(cfg, model, cached_targets)
         coeff = a.erw_coeff if a.erw_coeff is not None else default_coeff(cfg.model.name)
-        schedule = WeightSchedule(coeff, "halving", start_step=a.erw_warmup_steps, half_life_steps=a.erw_half_life_steps)
+        schedule = WeightSchedule(coeff, "halving", start_step=a.erw_warmup_steps,
+                                  half_life_steps=a.erw_half_life_steps)
         return cls(model.hidden_size, dims, depth, warm_depth=a.erw_warm_depth, warmup_steps=a.erw_warmup_steps,
                    warmup_coeff=a.erw_warmup_coeff, reuse_projector=a.erw_reuse_projector,
                    projector_dim=a.repa_projector_dim, schedule=schedule, encoders=encoders)

@@ -1,7 +1,8 @@
 """Datasets (embedded digits, image folders, latent caches from prepare.py) and the resumable batch sampler.
 
 Every item is a dict: {"image": uint8 (C, H, W)} or {"raw": float32 raw_shape}, plus "label" and "index"
-(int64), so the default collate works and a batch always says which items it holds.
+(int64), so the default collate works and a batch always says which items it holds; items of a cache with
+encoder features (data.cache_features) also hold "feats": {encoder name: float32 (T, d)}.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def shard_file(k: int) -> str:
 def labels_file(k: int) -> str:
     """Name of cache label shard k (int64)."""
     return f"labels-{k:05d}.npy"
+
+
+def features_file(name: str, k: int) -> str:
+    """Name of cache shard k of encoder `name`'s features (float16 (n, T, d))."""
+    return f"feats-{name}-{k:05d}.npy"
 
 
 def _item(key: str, value: torch.Tensor, label: int, index: int) -> dict:
@@ -211,7 +217,8 @@ def read_meta(path: str | Path) -> dict:
 
 
 class LatentCacheDataset(Dataset):
-    """Raw latents from prepare.py: fixed-size float32 .npy shards, memory-mapped, plus int64 labels."""
+    """Raw latents from prepare.py: fixed-size float32 .npy shards, memory-mapped, plus int64 labels and, when
+    prepare.py was asked for them (meta.json "features"), frozen-encoder features in float16 shards."""
 
     def __init__(self, path: str | Path, expected_raw_shape: tuple[int, ...] | None = None):
         self.path = Path(path)
@@ -225,13 +232,20 @@ class LatentCacheDataset(Dataset):
         self.count, self.shard_size = int(meta["count"]), int(meta["shard_size"])
         self.num_classes = meta.get("num_classes")
         self.channels = meta.get("channels")
+        features = meta.get("features") or {}  # absent in caches without encoder features
+        self.feature_names = tuple(features)
+        self.feature_shapes = {name: tuple(f["shape"]) for name, f in features.items()}
+        feature_fix = ("re-run prepare.py with this run's latent.*, data.image_size and data.cache_features into a "
+                       "new --out folder")
         labels = []
         for k in range(math.ceil(self.count / self.shard_size)):
             n = min(self.shard_size, self.count - k * self.shard_size)
             self._check(shard_file(k), (n, *self.raw_shape), np.float32, fix)
             labels.append(np.asarray(self._check(labels_file(k), (n,), np.int64, fix)))
+            for name, f in features.items():
+                self._check(features_file(name, k), (n, *f["shape"]), np.dtype(f["dtype"]), feature_fix)
         self.labels = torch.from_numpy(np.concatenate(labels)) if labels else torch.zeros(0, dtype=torch.int64)
-        self._shards: dict[int, np.ndarray] = {}
+        self._shards: dict[str, np.ndarray] = {}  # memory maps by file name
 
     def _check(self, name: str, shape: tuple, dtype, fix: str) -> np.ndarray:
         file = self.path / name
@@ -271,10 +285,10 @@ class LatentCacheDataset(Dataset):
         # Memory maps pickle as full copies; each DataLoader worker reopens its own.
         return {**self.__dict__, "_shards": {}}
 
-    def _shard(self, k: int) -> np.ndarray:
-        if k not in self._shards:
-            self._shards[k] = np.load(self.path / shard_file(k), mmap_mode="r")
-        return self._shards[k]
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = np.load(self.path / name, mmap_mode="r")
+        return self._shards[name]
 
     def __len__(self) -> int:
         return self.count
@@ -283,8 +297,12 @@ class LatentCacheDataset(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} out of range for a cache of {self.count} items")
         k, j = divmod(index, self.shard_size)
-        raw = torch.from_numpy(np.array(self._shard(k)[j]))  # copy out of the memory map
-        return _item("raw", raw, int(self.labels[index]), index)
+        raw = torch.from_numpy(np.array(self._shard(shard_file(k))[j]))  # copy out of the memory map
+        item = _item("raw", raw, int(self.labels[index]), index)
+        if self.feature_names:
+            item["feats"] = {name: torch.from_numpy(self._shard(features_file(name, k))[j].astype(np.float32))
+                             for name in self.feature_names}
+        return item
 
 
 DATASETS = {"digits": DigitsDataset, "image_folder": ImageFolderDataset, "latent_cache": LatentCacheDataset}

@@ -20,3 +20,22 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random VAE, an image folder and a random-init DINOv2 ViT-S/14 in timm's published layout."""
+    from helpers import make_image_folder
+    from latent_helpers import save_tiny_vae
+    from safetensors.torch import save_file
+    from timm.models import get_pretrained_cfg
+
+    from align.encoders import ENCODERS, create_encoder_model
+
+    tmp = tmp_path_factory.mktemp("assets")
+    spec = ENCODERS["dinov2-vit-s"]
+    torch.manual_seed(0)
+    grid = get_pretrained_cfg(spec.pretrained_tag).input_size[-1] // spec.patch_size
+    encoder = create_encoder_model(spec, grid, final_norm=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "dinov2_s.safetensors"))
+    return save_tiny_vae(tmp / "vae"), make_image_folder(tmp / "images"), tmp / "dinov2_s.safetensors"

@@ -48,3 +48,24 @@ def test_repa_from_a_latent_cache_without_features_is_refused(tmp_path, assets):
     with pytest.raises(ConfigError, match="align.methods.*does not hold.*data.cache_features"):
         train_job.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_repa_from_cached_features_runs_no_encoder_and_matches_online(tmp_path, assets):
+    """prepare.py data.cache_features=[...] then train: the encoder is never built, and the losses equal online REPA's
+    up to the features' fp16 storage."""
+    vae, images, encoder = assets
+    result = run_job("prepare.py", ["configs/quickstart.yaml", "model.name=SiT-S/2", "data.name=image_folder",
+                                    f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
+                                    f"latent.vae_path={vae}", "data.cache_features=[dinov2-vit-s]",
+                                    f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "--out", tmp_path / "cache"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    online = repa_config(tmp_path / "online", assets, "SiT-S/2", "data.hflip=false")
+    cached = repa_config(tmp_path / "cached", assets, "SiT-S/2", "data.hflip=false", "data.name=latent_cache",
+                         f"data.path={tmp_path / 'cache'}", "align.encoder_weights={dinov2-vit-s: /nonexistent.pth}")
+    train_job.train(online)
+    train_job.train(cached)  # would fail on the missing encoder file if it built the encoder
+    logs = {run: [json.loads(x) for x in (tmp_path / run / "logs" / "scalars.jsonl").read_text().splitlines()]
+            for run in ("online", "cached")}
+    for a, b in zip(logs["online"], logs["cached"], strict=True):
+        assert b["repa"] == pytest.approx(a["repa"], rel=1e-3, abs=1e-4)
+        assert b["denoise"] == pytest.approx(a["denoise"], rel=1e-3)

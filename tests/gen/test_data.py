@@ -21,6 +21,7 @@ from gen.data import (
     adm_center_crop,
     build_dataset,
     dataset_channels,
+    features_file,
     labels_file,
     shard_file,
 )
@@ -151,16 +152,24 @@ def test_image_folder_validation(tmp_path):
 # -------------------------------------------------------------------------------------- latent cache
 
 
-def _write_cache(path, count=7, shard_size=3, raw_shape=(2, 4, 4)):
+def _write_cache(path, count=7, shard_size=3, raw_shape=(2, 4, 4), features=None):
+    """A cache as prepare.py writes it; `features` {name: (T, d)} adds float16 feature shards (returned too)."""
     path.mkdir()
     values = np.arange(count * int(np.prod(raw_shape)), dtype=np.float32).reshape(count, *raw_shape)
+    g = np.random.default_rng(0)
+    feats = {name: g.standard_normal((count, *shape)).astype(np.float16) for name, shape in (features or {}).items()}
     for k in range(0, count, shard_size):
         np.save(path / shard_file(k // shard_size), values[k:k + shard_size])
         np.save(path / labels_file(k // shard_size), np.arange(k, min(k + shard_size, count), dtype=np.int64) % 5)
+        for name, f in feats.items():
+            np.save(path / features_file(name, k // shard_size), f[k:k + shard_size])
     meta = {"raw_shape": list(raw_shape), "dtype": "float32", "count": count, "shard_size": shard_size,
             "latent": {"name": "pixel"}, "image_size": 4, "channels": 2, "num_classes": 5}
+    if features:
+        meta["features"] = {name: {"shape": list(shape), "dtype": "float16", "encoder": "arch", "weights": None}
+                            for name, shape in features.items()}
     (path / "meta.json").write_text(json.dumps(meta))
-    return values
+    return (values, feats) if features else values
 
 
 def test_latent_cache_reads_shards(tmp_path):
@@ -170,6 +179,8 @@ def test_latent_cache_reads_shards(tmp_path):
     for i in range(7):
         item = ds[i]
         assert np.array_equal(item["raw"].numpy(), values[i]) and int(item["label"]) == i % 5 and int(item["index"]) == i
+        assert "feats" not in item  # a cache without encoder features (or made before they existed)
+    assert ds.feature_names == () and ds.feature_shapes == {}
     with pytest.raises(IndexError):
         ds[7]
     assert len(pickle.dumps(ds)) < 4000  # workers get paths, not copies of the memory maps
@@ -194,6 +205,36 @@ def test_latent_cache_refuses_bad_caches(tmp_path):
         LatentCacheDataset(tmp_path / "cache")
     with pytest.raises(DataError, match="does not exist"):
         LatentCacheDataset(tmp_path / "elsewhere")
+
+
+def test_latent_cache_features(tmp_path):
+    shapes = {"dinov2-vit-s": (4, 6), "clip-vit-l": (4, 3)}
+    values, feats = _write_cache(tmp_path / "cache", features=shapes)
+    ds = LatentCacheDataset(tmp_path / "cache", expected_raw_shape=(2, 4, 4))
+    assert ds.feature_names == ("dinov2-vit-s", "clip-vit-l") and ds.feature_shapes == shapes
+    item = ds[4]
+    assert np.array_equal(item["raw"].numpy(), values[4]) and set(item["feats"]) == set(shapes)
+    for name in shapes:
+        assert item["feats"][name].dtype == torch.float32
+        assert np.array_equal(item["feats"][name].numpy(), feats[name][4].astype(np.float32))
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=1)))  # through a pickled worker copy too
+    assert batch["feats"]["clip-vit-l"].shape == (4, 4, 3) and batch["feats"]["dinov2-vit-s"].shape == (4, 4, 6)
+    assert np.array_equal(batch["feats"]["dinov2-vit-s"][3].numpy(), feats["dinov2-vit-s"][3].astype(np.float32))
+
+    # A feature shard of the wrong shape or dtype, unreadable, or missing: the file and the fix are named.
+    file = tmp_path / "cache" / features_file("clip-vit-l", 1)
+    assert file.name == "feats-clip-vit-l-00001.npy"
+    for bad in (np.zeros((3, 4, 4), np.float16), np.zeros((3, 4, 3), np.float32)):
+        np.save(file, bad)
+        with pytest.raises(DataError, match=r"feats-clip-vit-l-00001.npy holds .* implies float16 \(3, 4, 3\).*"
+                                            r"inconsistent.*prepare.py.*data.cache_features"):
+            LatentCacheDataset(tmp_path / "cache")
+    file.write_bytes(b"\x93NUMPY half written")
+    with pytest.raises(DataError, match=r"cannot read .*feats-clip-vit-l-00001.npy.*prepare.py"):
+        LatentCacheDataset(tmp_path / "cache")
+    file.unlink()
+    with pytest.raises(DataError, match="lacks feats-clip-vit-l-00001.npy"):
+        LatentCacheDataset(tmp_path / "cache")
 
 
 # ------------------------------------------------------------------------------------------- sampler
