@@ -5,32 +5,47 @@ import pytest
 import torch
 from helpers import REPO
 
+from align.encoders import ENCODERS
+from align.trainee import Trainee, build_aligners
 from gen.config import Config, ConfigError, describe, field_docs, load_config
+from gen.ema import EMA
 from gen.factory import build_backbone, build_objective
 from latents import build_latent
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHRINK = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
 # Aligner layers that fit the 2 shrunk blocks, per method a config trains with.
-SHRINK_ALIGN = {"repa": ["align.repa_depth=1"], "sra": ["align.sra_student_layer=1", "align.sra_teacher_layer=2"]}
+SHRINK_ALIGN = {"repa": ["align.repa_depth=1"], "sra": ["align.sra_student_layer=1", "align.sra_teacher_layer=2"],
+                "erw": ["align.erw_depth=2", "align.erw_warm_depth=1"]}
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "sit_b2.yaml", "sit_xl2.yaml", "dit_xl2.yaml"}
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "sit_b2.yaml", "sit_xl2.yaml", "dit_xl2.yaml",
+                                         "quickstart_sra.yaml", "sit_b2_repa.yaml", "sit_xl2_repa.yaml",
+                                         "sit_xl2_sra.yaml", "sit_xl2_erw.yaml", "dit_xl2_repa.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_builds_tiny_and_steps(path: Path):
+    """Backbone, objective and aligners (encoder targets as if cached) of every config; a step of every phase."""
     shrink_align = [o for m in load_config(path).align.methods for o in SHRINK_ALIGN[m]]
     cfg = load_config(path, SHRINK + shrink_align)
     latent = build_latent(cfg)
     model = build_backbone(cfg, latent.shape)
     objective = build_objective(cfg, model)
     assert cfg.sampler.sampler in objective.SAMPLERS
+    ema = EMA(model, cfg.train.ema_decay)
+    trainee = Trainee(model, objective, build_aligners(cfg, model, cached_targets=ENCODERS), teacher=ema.model)
+    assert not trainee.needs_pixels
+    tokens = model.grid[0] * model.grid[1]
+    feats = {name: torch.randn(2, tokens, ENCODERS[name].dim) for name in cfg.align.repa_encoders}
     x0 = torch.randn(2, *latent.shape)
-    out = objective.loss(model, x0, torch.tensor([0, 1]))
-    out.loss.mean().backward()
-    assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
+    for phase in sorted({trainee.phase_at(0), "full"}):
+        trainee.set_phase(phase)
+        loss, terms = trainee(x0, torch.tensor([0, 1]), 0, {"uniform": torch.rand(2)}, target_feats=feats)
+        loss.mean().backward()
+        assert loss.shape == (2,) and torch.isfinite(loss).all()
+        assert set(cfg.align.methods) <= {k.split("/")[0] for k in terms}
 
 
 def test_paper_recipes_follow_the_spec_table():
@@ -40,6 +55,15 @@ def test_paper_recipes_follow_the_spec_table():
             1e-4, 256, 0.9999, 0.0, (0.9, 0.999))
         assert t.max_steps == 400_000 and t.ckpt_every_steps == 50_000
     assert load_config(REPO / "configs" / "dit_xl2.yaml").objective.name == "ddpm"
+    for name, depth in (("sit_b2_repa.yaml", 4), ("sit_xl2_repa.yaml", 8), ("dit_xl2_repa.yaml", 8)):
+        cfg = load_config(REPO / "configs" / name)  # spec 1.1-1.2: DINOv2-B, lambda 0.5, clip 1.0, depth per size
+        assert (cfg.align.methods, cfg.align.repa_encoders, cfg.align.repa_coeff, cfg.align.repa_depth,
+                cfg.train.grad_clip, cfg.data.cache_features) == (["repa"], ["dinov2-vit-b"], 0.5, depth, 1.0,
+                                                                  ["dinov2-vit-b"])
+    erw = load_config(REPO / "configs" / "sit_xl2_erw.yaml")  # spec 3.1-3.4 and the ERW README command
+    a = erw.align
+    assert (a.erw_warmup_steps, erw.train.max_steps, a.erw_warm_depth, a.erw_depth, a.erw_coeff,
+            a.erw_half_life_steps, erw.model.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
 
 
 def test_unknown_keys_suggest_the_closest(tmp_path):
