@@ -2,9 +2,10 @@
 
     python bench/align_overhead.py configs/sit_b2.yaml --batch 8 align.methods=[repa]
     python bench/align_overhead.py configs/sit_xl2.yaml --batch 32 align.methods=[repa]   # on a GPU: bf16
+    python bench/align_overhead.py configs/sit_xl2_erw.yaml --batch 32                    # ERW's two phases
 
 Rows: the plain step (denoising loss only); each aligner of `align.methods` with cached targets (its heads,
-loss and backward through the tapped blocks); and, for aligners with frozen encoders, the encoders' forward on
+loss and backward through the tapped blocks; ERW also its warmup step); and, for aligners with frozen encoders, the encoders' forward on
 the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost of computing the
 targets online instead of caching them with prepare.py. Latents, labels and images are synthetic.
 """
@@ -61,8 +62,10 @@ def main() -> None:
     encoder_names = [e for e in cfg.align.repa_encoders if e in ENCODERS]
     cached = {e: torch.randn(n, model.grid[0] * model.grid[1], ENCODERS[e].dim, device=device) for e in encoder_names}
 
-    def step_fn(trainee):
+    def step_fn(trainee, phase="full"):
         def step():
+            trainee.set_phase(phase)  # trainees share the model: each sets what its phase trains
+            trainee.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, _ = trainee(x0, y, 0, {}, pixels=None, target_feats=cached)
             loss.mean().backward()
@@ -72,8 +75,11 @@ def main() -> None:
     runs = {"plain": step_fn(Trainee(model, objective))}
     for method in cfg.align.methods:
         aligner = ALIGNERS[method].from_config(cfg, model, cached_targets=encoder_names).to(device)
-        runs[f"+{method} (cached targets)"] = step_fn(Trainee(model, objective, {method: aligner}, teacher=teacher))
-    for name in encoder_names if "repa" in cfg.align.methods else ():
+        trainee = Trainee(model, objective, {method: aligner}, teacher=teacher)
+        if trainee.warm is not None:  # ERW's phase 1: blocks 1..K and the projector, on clean latents
+            runs[f"+{method} warmup step (cached targets)"] = step_fn(trainee, "warmup")
+        runs[f"+{method} (cached targets)"] = step_fn(trainee)
+    for name in encoder_names if {"repa", "erw"} & set(cfg.align.methods) else ():
         spec = ENCODERS[name]
         encoder = FrozenEncoder(name, spec, create_encoder_model(spec, model.grid), cfg.data.image_size, model.grid)
         encoder.to(device)
