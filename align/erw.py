@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.base import AlignBatch, WeightSchedule
@@ -30,6 +31,25 @@ from gen.config import check
 
 # c0, the REPA weight at the transition, per size (reference code: XL 6, L 3, otherwise 1).
 DEFAULT_COEFF: dict[str, float] = {"S": 1.0, "B": 1.0, "L": 3.0, "XL": 6.0}
+
+
+def nt_xent(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """Per-sample token InfoNCE with in-batch negatives, (N,), fp32 (the paper names NT-Xent but never defines it).
+
+    At each token position i, sample n's projected token must pick its own target among the batch's targets at i:
+    -log softmax_m(cos(pred_n,i, target_m,i) / temperature)[n], averaged over tokens. The negatives are the
+    process's micro-batch, so unlike the cosine loss its value depends on the per-process batch size.
+    """
+    n, t, _ = pred.shape
+    p = F.normalize(pred.float(), dim=-1).transpose(0, 1)  # (T, N, d)
+    z = F.normalize(target.float(), dim=-1).transpose(0, 1)  # (T, N, d)
+    logits = p @ z.transpose(1, 2) / temperature  # (T, N, N): row n scores sample n's token against every target
+    own = torch.arange(n, device=pred.device).repeat(t)  # (T*N,) the matching target of each row
+    return F.cross_entropy(logits.reshape(t * n, n), own, reduction="none").view(t, n).mean(dim=0)
+
+
+# Keys are what `align.erw_warmup_loss` takes; the reference code uses the cosine.
+WARMUP_LOSSES = ("cosine", "nt_xent")
 
 
 def default_erw_depth(model_name: str) -> int:
@@ -49,25 +69,31 @@ class ERW(REPA):
 
     def __init__(self, hidden_size: int, target_dims: Mapping[str, int], depth: int, *, warm_depth: int,
                  warmup_steps: int, warmup_coeff: float = 0.5, reuse_projector: bool = True,
-                 projector_dim: int = 2048, schedule: WeightSchedule | None = None,
-                 encoders: Mapping[str, FrozenEncoder] | None = None):
+                 warmup_loss: str = "cosine", temperature: float = 0.1, projector_dim: int = 2048,
+                 schedule: WeightSchedule | None = None, encoders: Mapping[str, FrozenEncoder] | None = None):
         schedule = schedule or WeightSchedule(1.0, "halving", start_step=warmup_steps, half_life_steps=50_000)
         super().__init__(hidden_size, target_dims, depth, projector_dim=projector_dim, schedule=schedule,
                          encoders=encoders)
         if warm_depth < 1 or warmup_steps < 0:
             raise ValueError(f"ERW needs warm_depth >= 1 and warmup_steps >= 0, got {warm_depth}, {warmup_steps}")
         self.warm_depth, self.warmup_steps = warm_depth, warmup_steps
+        if warmup_loss not in WARMUP_LOSSES:
+            raise ValueError(f"unknown ERW warmup loss {warmup_loss!r}; one of {WARMUP_LOSSES}")
         self.warmup_coeff, self.reuse_projector = warmup_coeff, reuse_projector
+        self.warmup_loss_name, self.temperature = warmup_loss, temperature
 
     def warm_parameters(self) -> tuple[str, ...]:
         """Backbone parameters phase 1 trains: the x/t/y embedders and blocks 1..K (pos_embed is frozen anyway)."""
         return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(self.warm_depth)))
 
     def warmup_loss(self, model: nn.Module, x0: Tensor, y: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
-        """Phase 1, per sample: warmup_coeff * -(1/T) sum_i cos(P(h_K(x0, t=0, y))_i, z_i) (spec 3.1)."""
+        """Phase 1, per sample: warmup_coeff * -(1/T) sum_i cos(P(h_K(x0, t=0, y))_i, z_i) (spec 3.1), or NT-Xent."""
         t0 = torch.zeros(x0.shape[0], device=x0.device)
         h = model(x0, t0, y, taps=(self.warm_depth,), stop_at=self.warm_depth).feats[self.warm_depth]  # (N, T, D)
-        result = self.align_tokens(h, batch)
+        if self.warmup_loss_name == "nt_xent":
+            result = self.align_tokens(h, batch, lambda p, z: nt_xent(p, z, self.temperature))
+        else:
+            result = self.align_tokens(h, batch)
         return {**result, "loss": self.warmup_coeff * result["loss"]}
 
     def end_warmup(self, generator: torch.Generator) -> None:
@@ -130,6 +156,8 @@ class ERW(REPA):
         check(a.erw_coeff is None or a.erw_coeff >= 0, "align.erw_coeff", "must be >= 0")
         check(a.erw_warmup_coeff > 0, "align.erw_warmup_coeff", "must be positive")
         check(a.erw_half_life_steps > 0, "align.erw_half_life_steps", "must be positive")
+        check(a.erw_warmup_loss in WARMUP_LOSSES, "align.erw_warmup_loss", f"one of {WARMUP_LOSSES}")
+        check(a.erw_temperature > 0, "align.erw_temperature", "must be positive")
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, *, cached_targets: Collection[str] = ()) -> ERW:
@@ -145,6 +173,7 @@ class ERW(REPA):
                                   half_life_steps=a.erw_half_life_steps)
         return cls(model.hidden_size, dims, depth, warm_depth=a.erw_warm_depth, warmup_steps=a.erw_warmup_steps,
                    warmup_coeff=a.erw_warmup_coeff, reuse_projector=a.erw_reuse_projector,
+                   warmup_loss=a.erw_warmup_loss, temperature=a.erw_temperature,
                    projector_dim=a.repa_projector_dim, schedule=schedule, encoders=encoders)
 
     def extra_repr(self) -> str:

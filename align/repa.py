@@ -131,8 +131,12 @@ class REPA(Aligner):
         """Per-sample REPA loss (N,) on the tokens after block `depth`, and the mean cosine per encoder (detached)."""
         return self.align_tokens(feats[self.depth], batch)
 
-    def align_tokens(self, h: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
-        """Per-sample loss (N,) of student tokens h (N, T, D) against the batch's targets, mean over encoders."""
+    def align_tokens(self, h: Tensor, batch: AlignBatch, loss_fn=negative_cosine) -> dict[str, Tensor]:
+        """Per-sample loss (N,) of student tokens h (N, T, D) against the batch's targets, mean over encoders.
+
+        `loss_fn(z_hat, z) -> (N,)`: REPA's negative cosine, or another token loss (ERW's warmup may use NT-Xent);
+        the logs are the mean cosine per encoder either way.
+        """
         losses, logs = [], {}
         for name, projector in zip(self.names, self.projectors):
             z = self.targets(name, batch, h.device)  # (N, T, d)
@@ -140,9 +144,10 @@ class REPA(Aligner):
             if z.shape != z_hat.shape:
                 raise ValueError(f"REPA target {name!r} has shape {tuple(z.shape)}, the projected student tokens "
                                  f"{tuple(z_hat.shape)}: encoder grid and backbone grid must match (spec 1.3)")
-            loss = negative_cosine(z_hat, z)  # (N,)
+            loss = loss_fn(z_hat, z)  # (N,)
             losses.append(loss)
-            logs[f"cos/{name}"] = -loss.detach().mean()
+            cosine = -loss if loss_fn is negative_cosine else -negative_cosine(z_hat.detach(), z)
+            logs[f"cos/{name}"] = cosine.detach().mean()
         return {"loss": torch.stack(losses).mean(dim=0), **logs}
 
     def load_official_projectors(self, state: Mapping[str, Tensor]) -> None:

@@ -232,7 +232,12 @@ class AlignConfig:
     erw_warm_depth: int = 4
     """ERW phase 1: blocks warmed; the projector reads block K (reference code default 4, paper's best 5)."""
     erw_warmup_coeff: float = 0.5
-    """ERW phase 1: weight of the warmup loss (per-token negative cosine to align.repa_encoders' features)."""
+    """ERW phase 1: weight of the warmup loss (to align.repa_encoders' patch tokens)."""
+    erw_warmup_loss: str = "cosine"
+    """ERW phase 1: cosine (per-token negative cosine, the reference code) or nt_xent (token InfoNCE, in-batch
+    negatives; the paper names it without a definition)."""
+    erw_temperature: float = 0.1
+    """ERW phase 1, nt_xent: softmax temperature (not given by the paper: a guess to tune)."""
     erw_depth: Optional[int] = None
     """ERW phase 2: block REPA aligns (1-based); null: SiT/DiT-XL 14 (ERW README), other sizes REPA's default."""
     erw_coeff: Optional[float] = None

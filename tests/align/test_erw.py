@@ -188,3 +188,26 @@ def test_two_processes_match_one_across_the_transition(tmp_path, assets):
     w1, w2 = (load_file(str(latest_checkpoint(r) / "model.safetensors")) for r in runs.values())
     for k in w1:  # Adam turns reduction-order noise in near-zero gradients into steps of up to ~lr: atol 1e-5
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nt_xent_warmup_loss_equals_its_definition():
+    """Token InfoNCE: per token, -log of sample n's softmax weight on its own target among the batch's targets."""
+    model, _ = tiny_erw()
+    erw = ERW(D, {"a": 24}, 3, warm_depth=2, warmup_steps=5, projector_dim=64, warmup_loss="nt_xent", temperature=0.2)
+    x0, y, z = pinned()
+    batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), y=y, step=0,
+                       target_feats={"a": z})
+    out = erw.warmup_loss(model, x0, y, batch)
+    with torch.no_grad():
+        h = model(x0, torch.zeros(N), y, taps=(2,), stop_at=2).feats[2]
+        p = erw.projectors[0](h).double()
+    expected = torch.zeros(N, dtype=torch.float64)
+    for n in range(N):
+        for i in range(T):
+            sims = torch.stack([torch.cosine_similarity(p[n, i], z[m, i].double(), dim=0) for m in range(N)]) / 0.2
+            expected[n] += -(sims[n] - torch.logsumexp(sims, 0)) / T
+    torch.testing.assert_close(out["loss"].double(), 0.5 * expected, rtol=1e-5, atol=1e-6)
+    cos = torch.cosine_similarity(p, z.double(), dim=-1).mean()
+    torch.testing.assert_close(out["cos/a"].double(), cos, rtol=1e-5, atol=1e-6)  # the log stays the cosine
+    with pytest.raises(ConfigError, match="align.erw_warmup_loss"):
+        load_config(None, ["align.methods=[erw]", "align.erw_warmup_steps=10", "align.erw_warmup_loss=infonce"])
