@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from align.trainee import Trainee, build_aligners
-from gen.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from gen.checkpoint import latest_checkpoint, read_train_state, load_checkpoint, save_checkpoint
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
@@ -50,10 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, fused kernels where the device supports them."""
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over `params`, fused kernels where the device supports them."""
     t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
@@ -61,16 +60,20 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def prepare_phase(accelerator, trainee, phase: str, cfg: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Train what `phase` trains with a fresh optimizer: (re)wrap the Trainee and its optimizer with Accelerate.
+def prepare_step(accelerator, trainee, phase: str, step: int, cfg: Config,
+                 optimizer=None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(Re)wrap the Trainee with Accelerate for what it trains and computes at `step` of `phase`.
 
-    At ERW's transition this resets the optimizer (spec 3.2) and gives DDP the newly trainable parameters.
+    Without `optimizer` a fresh one is built over the phase's parameters (a run's start, ERW's transition: spec
+    3.2 resets it); with one, its state is kept and only the model is re-wrapped, so DDP forgets the parameters
+    of aligners switched off for good (their stop_step), which are then no longer computed.
     """
     module = accelerator.unwrap_model(trainee, keep_fp32_wrapper=False)  # also drops the autocast forward wrapper
-    accelerator.free_memory()  # forget the previous phase's wrapped model and optimizer
-    module.set_phase(phase)
-    optimizer = make_optimizer(module, cfg)  # backbone and aligner heads; frozen encoders are not parameters
-    return accelerator.prepare(module, optimizer)
+    accelerator.free_memory()  # forget the previously wrapped model and optimizer
+    if optimizer is None:  # backbone and aligner heads; frozen encoders are not parameters
+        optimizer = make_optimizer(module.phase_parameters(phase), cfg)
+    module.set_phase(phase, module.active_at(step))
+    return accelerator.prepare(module, getattr(optimizer, "optimizer", optimizer))  # unwrapped if prepared
 
 
 def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None,
@@ -168,9 +171,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
                           f"{warm_cost:.3f} full steps each")
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
-    # A checkpoint of step s was written by the phase of step s - 1; a transition at s happens after loading it.
-    step = checkpoint_step(ckpt) if ckpt is not None else 0
-    trainee, optimizer = prepare_phase(accelerator, trainee, trainee.phase_at(max(step - 1, 0)), cfg)
+    # A checkpoint holds the optimizer of the phase that wrote it; a transition due at its step happens after loading.
+    saved = read_train_state(ckpt) if ckpt is not None else {"step": 0}
+    step = saved["step"]
+    phase = saved.get("phase", module.phase_at(max(step - 1, 0)))
+    if phase == "full" and module.phase_at(step) == "warmup":
+        raise ConfigError(f"config key 'align.erw_warmup_steps': checkpoint {ckpt} is past the warmup, which this "
+                          f"config would resume at step {step}; keep the run's value")
+    trainee, optimizer = prepare_step(accelerator, trainee, phase, step, cfg)
     fid_suite = MetricSuite(["fid"], cfg.eval, device) if cfg.log.fid_every_steps else None  # weights fail early
 
     state = {"step": 0}
@@ -196,10 +204,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
                       f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
     while step < t.max_steps:
-        if module.phase != module.phase_at(step):  # ERW's transition
-            trainee, optimizer = prepare_phase(accelerator, trainee, "full", cfg)
-            ema.reset(model)  # the EMA restarts from the warm weights (spec 3.2)
+        if module.phase != module.phase_at(step):  # ERW's transition: fresh optimizer, EMA from the warm weights
+            trainee, optimizer = prepare_step(accelerator, trainee, module.phase_at(step), step, cfg)
+            ema.reset(model)  # (spec 3.2)
             accelerator.print(f"step {step}: warmup done, training the whole model")
+        elif module.active != module.active_at(step):  # an aligner reached its stop_step: stop computing it
+            stopped = sorted(set(module.active) - set(module.active_at(step)))
+            trainee, optimizer = prepare_step(accelerator, trainee, module.phase, step, cfg, optimizer)
+            accelerator.print(f"step {step}: {stopped} switched off")
         step_random = step_draws(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
@@ -243,7 +255,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         if must_save:
             last_ckpt = save_checkpoint(accelerator, run_dir, step, ema,
-                                        {"data_position": sampler.position(step)}, cfg, keep=t.keep_checkpoints)
+                                        {"data_position": sampler.position(step), "phase": module.phase}, cfg,
+                                        keep=t.keep_checkpoints)
         warming = module.phase == "warmup"  # no output layer trained yet: nothing to sample
         if fid_suite is not None and not warming and (step % cfg.log.fid_every_steps == 0 or step == t.max_steps):
             fid = track_fid(fid_suite, ema, objective, latent, cfg, world, rank, device)

@@ -22,7 +22,6 @@ class Trainee(nn.Module):
         self.model = model
         self.objective = objective  # not a module: it owns no parameters
         self.aligners = nn.ModuleDict(aligners or {})
-        self.taps = tuple(sorted(set().union(*(a.taps for a in self.aligners.values()))))
         # The trainer's EMA model (SRA teacher), held in a list so it is no submodule: it stays out of
         # state_dict(), parameters(), .to() and the DDP wrapper; the EMA update keeps owning it.
         self._teacher: list[nn.Module] = [] if teacher is None else [teacher]
@@ -31,7 +30,7 @@ class Trainee(nn.Module):
             raise ValueError(f"aligners {warm} each want a warmup phase; at most one can have one")
         self.warm = warm[0] if warm else None  # the aligner owning the warmup phase (ERW), by name
         self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        self.phase = "full"
+        self.set_phase("full")
 
     def phase_at(self, step: int) -> str:
         """"warmup" while the warm aligner's warmup lasts (steps 0..W-1), then "full"."""
@@ -39,12 +38,17 @@ class Trainee(nn.Module):
             return "warmup"
         return "full"
 
-    def set_phase(self, phase: str) -> None:
-        """Make trainable what `phase` trains: everything, or the warm aligner and the backbone parts it names.
+    def active_at(self, step: int) -> tuple[str, ...]:
+        """The aligners computed at `step`: the warm one during its warmup, else those not switched off for good."""
+        if self.phase_at(step) == "warmup":
+            return (self.warm,)
+        return tuple(name for name, a in self.aligners.items()
+                     if a.schedule.stop_step is None or step < a.schedule.stop_step)
 
-        Parameters of the other parts get requires_grad=False, so neither the optimizer built afterwards nor a
-        DDP wrapper sees them: they keep their values exactly (their initialisation, during a warmup).
-        """
+    def phase_parameters(self, phase: str) -> list[nn.Parameter]:
+        """What `phase` trains (the optimizer's parameters): everything trainable, or, in the warmup, the warm
+        aligner and the backbone parts it names. Switched-off aligners stay in, so the optimizer of a phase is
+        the same whenever it is built (a resumed run loads its state)."""
         if phase not in ("warmup", "full"):
             raise ValueError(f"unknown phase {phase!r}")
         if phase == "warmup" and self.warm is None:
@@ -52,9 +56,25 @@ class Trainee(nn.Module):
         keep = ()
         if phase == "warmup":
             keep = (f"aligners.{self.warm}.", *(f"model.{p}" for p in self.aligners[self.warm].warm_parameters()))
+        return [p for name, p in self.named_parameters()
+                if name in self._trainable and (phase == "full" or name.startswith(keep))]
+
+    def set_phase(self, phase: str, active: tuple[str, ...] | None = None) -> None:
+        """Train what `phase` trains, computing only the `active` aligners (default: all the phase runs).
+
+        Every other parameter gets requires_grad=False, so no DDP wrapper built afterwards expects a gradient
+        for it and no optimizer moves it: it keeps its value exactly (its initialisation, during a warmup).
+        """
+        trained = {id(p) for p in self.phase_parameters(phase)}
+        self.active = tuple(active) if active is not None else (
+            (self.warm,) if phase == "warmup" else tuple(self.aligners))
+        off = tuple(f"aligners.{name}." for name in self.aligners if name not in self.active)
         for name, p in self.named_parameters():
-            p.requires_grad_(name in self._trainable and (phase == "full" or name.startswith(keep)))
+            p.requires_grad_(id(p) in trained and not (off and name.startswith(off)))
         self.phase = phase
+        # One student forward reads the union of the computed aligners' taps.
+        self.taps = tuple(sorted(set().union(*(self.aligners[a].taps for a in self.active)))) \
+            if phase == "full" else ()
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -83,13 +103,12 @@ class Trainee(nn.Module):
             return self._warmup_forward(x0, y, step, draws, pixels, target_feats)
         out = self.objective.loss(self.model, x0, y, taps=self.taps, **draws)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
-        if self.aligners:
+        if self.active:
             teacher = self._teacher_feats if self._teacher else None
             batch = AlignBatch.from_loss(out, x0, step, pixels=pixels, target_feats=target_feats, teacher=teacher,
                                          uniform=uniform)
-            for name, aligner in self.aligners.items():
-                # Computed even at weight 0 so every parameter takes part in each step (DDP without
-                # find_unused_parameters); the weight then zeroes its gradient.
+            for name in self.active:  # switched-off aligners are skipped (the trainer re-wraps DDP without them)
+                aligner = self.aligners[name]
                 result = aligner(out.feats, batch)
                 total = total + aligner.weight(step) * result["loss"]
                 logs[name] = result["loss"].detach()

@@ -43,12 +43,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The optimizer steps a complete checkpoint holds (before loading it)."""
+def read_train_state(path: str | Path) -> dict:
+    """A complete checkpoint's train_state.json (step, data position, phase), readable before loading it."""
     state = Path(path) / "train_state.json"
     if not state.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.json)")
-    return int(json.loads(state.read_text())["step"])
+    return json.loads(state.read_text())
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_state: dict, cfg: Config,
@@ -101,8 +101,7 @@ def config_differences(saved: Config, current: Config, keys=RESUME_KEYS) -> list
 def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config) -> dict:
     """Restore a checkpoint written by `save_checkpoint` after checking it belongs to this config."""
     path = Path(path)
-    if not (path / "train_state.json").is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no train_state.json)")
+    train_state = read_train_state(path)
     diffs = config_differences(load_config(path / "config.yaml"), cfg)
     if diffs:
         raise CheckpointError(
@@ -110,7 +109,7 @@ def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config) -> dict:
             f"config ({path / 'config.yaml'}) or choose a new train.run_dir")
     accelerator.load_state(str(path))
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device)))
-    return json.loads((path / "train_state.json").read_text())
+    return train_state
 
 
 def resolve_weights(path: str | Path) -> tuple[Path, Path]:

@@ -86,7 +86,7 @@ def test_transition_keeps_warm_weights_fresh_rest_resets_optimizer_and_ema(reuse
     trainee = Trainee(model, FlowObjective(null_class=model.null_class), {"erw": erw})
     ema = EMA(model, 0.9)
     accelerator = Accelerator(cpu=True)
-    wrapped, opt = train_job.prepare_phase(accelerator, trainee, "warmup", load_config(None, ["train.lr=1e-2"]))
+    wrapped, opt = train_job.prepare_step(accelerator, trainee, "warmup", 0, load_config(None, ["train.lr=1e-2"]))
     for step in range(3):
         x0, y, z = pinned(step)
         wrapped(x0, y, step, {}, target_feats={"a": z})[0].mean().backward()
@@ -96,7 +96,7 @@ def test_transition_keeps_warm_weights_fresh_rest_resets_optimizer_and_ema(reuse
     warm = {k: v.clone() for k, v in model.state_dict().items()}
     projector = {k: v.clone() for k, v in erw.state_dict().items()}
     erw.end_warmup(torch.Generator().manual_seed(0))
-    wrapped, opt = train_job.prepare_phase(accelerator, wrapped, "full", load_config(None))
+    wrapped, opt = train_job.prepare_step(accelerator, wrapped, "full", 5, load_config(None))
     ema.reset(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, warm[k])
@@ -166,6 +166,10 @@ def test_one_command_runs_both_phases_and_resume_across_the_transition_is_exact(
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    back = load_config(REPO / erw_args(assets, tmp_path / "b")[0],
+                       [*erw_args(assets, tmp_path / "b")[1:], "train.max_steps=8", "align.erw_warmup_steps=6"])
+    with pytest.raises(ConfigError, match="past the warmup"):  # a full-phase checkpoint cannot go back to warmup
+        train_job.train(back, resume=True)
     logs = records(tmp_path / "a")
     assert [("erw/warmup" in r, "denoise" in r) for r in logs] == [(True, False)] * 2 + [(False, True)] * 2
     for r in logs[2:]:  # lambda(k) = 2^(-(k - 2) / 2) at the step k computed (record "step" = k + 1)

@@ -107,11 +107,13 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
         train_job.train(tiny(tmp_path / "run", "train.max_steps=2"))
 
 
-@pytest.mark.parametrize("align", [[], ["align.methods=[sra]", "align.sra_student_layer=1", "align.sra_teacher_layer=2"]],
-                         ids=["plain", "sra"])
+SRA = ["align.methods=[sra]", "align.sra_student_layer=1", "align.sra_teacher_layer=2"]
+
+
+@pytest.mark.parametrize("align", [[], [*SRA, "align.sra_stop_step=2"]], ids=["plain", "sra-stopped-at-2"])
 def test_two_processes_match_one(tmp_path, align):
     """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order (SRA included:
-    its teacher-time offsets come from the trainer's global draws)."""
+    its teacher-time offsets come from the trainer's global draws; switching it off at step 2 re-wraps DDP)."""
     runs = {}
     for processes in (1, 2):
         run = tmp_path / f"p{processes}"
@@ -179,3 +181,21 @@ def test_training_time_fid_is_logged(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
     fids = [r["fid6"] for r in records if "fid6" in r]
     assert len(fids) == 2 and all(np.isfinite(fids)) and min(fids) > 0
+
+
+def test_a_stopped_aligner_is_no_longer_computed_and_resume_across_the_stop_is_exact(tmp_path):
+    """From align.sra_stop_step on SRA is skipped (no loss term, head frozen), the optimizer keeps its state, and
+    a run resumed at the stop equals the uninterrupted one."""
+    args = [*SRA, "align.sra_stop_step=2", "train.ckpt_every_steps=2"]
+    straight = train_job.train(tiny(tmp_path / "a", *args, "train.max_steps=4"))
+    train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=2"))
+    resumed = train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=4"), resume=True)
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    logs = [json.loads(x) for x in (tmp_path / "a" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert ["sra" in r for r in logs] == [True, True, False, False]
+    for r in logs[2:]:
+        assert r["loss"] == pytest.approx(r["denoise"], rel=1e-6)
+    at_stop = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    end = load_file(str(straight / "model.safetensors"))
+    assert all(torch.equal(end[k], at_stop[k]) == k.startswith("aligners.sra.") for k in end if "pos_embed" not in k)
+    assert len(final_state(straight)[2]["state"]) == len(final_state(straight)[2]["param_groups"][0]["params"])
