@@ -215,3 +215,13 @@ def test_nt_xent_warmup_loss_equals_its_definition():
     torch.testing.assert_close(out["cos/a"].double(), cos, rtol=1e-5, atol=1e-6)  # the log stays the cosine
     with pytest.raises(ConfigError, match="align.erw_warmup_loss"):
         load_config(None, ["align.methods=[erw]", "align.erw_warmup_steps=10", "align.erw_warmup_loss=infonce"])
+
+
+def test_erw_on_dit_with_ddpm_runs_both_phases(tmp_path, assets):
+    """The warmup feeds DDPM's step 0 (the objective's t = 0); afterwards DiT's hybrid loss plus REPA."""
+    args = erw_args(assets, tmp_path / "run", "train.max_steps=3", "model.name=DiT-S/2", "objective.name=ddpm",
+                    "sampler.sampler=ddim", "align.erw_warmup_steps=1")
+    ckpt = train_job.train(load_config(REPO / args[0], args[1:]))
+    logs = records(tmp_path / "run")
+    assert [("erw/warmup" in r, "erw" in r and "denoise" in r) for r in logs] == [(True, False)] + [(False, True)] * 2
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "ema.safetensors")).values())
