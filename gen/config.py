@@ -92,7 +92,7 @@ class DataConfig:
     image_size: int = 256
     """Side of the square training images: ADM center-crop size, or the digits' upsampled size."""
     hflip: bool = False
-    """Random horizontal flips (DiT/SiT use them; REPA does not)."""
+    """Random horizontal flips of whole images (DiT/SiT use them; REPA does not); not with a latent cache."""
     num_workers: int = 4
     """DataLoader worker processes per training process."""
     cache_features: List[str] = field(default_factory=list)
@@ -394,6 +394,8 @@ def validate(cfg: Config) -> None:
     check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
     check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",
            "log.fid_every_steps needs reference statistics (an ADM .npz or a folder of images)")
+    check(not (cfg.data.hflip and cfg.data.name == "latent_cache"), "data.hflip",
+          "a latent cache holds the unflipped images' latents (and encoder features); flip with data.name=image_folder")
     check(cfg.sample.labels in ("random", "balanced"), "sample.labels", "random or balanced")
     check(cfg.sample.rounding in ("round", "floor"), "sample.rounding", "round or floor")
     _validate_eval(cfg.eval)

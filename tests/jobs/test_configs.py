@@ -84,6 +84,8 @@ def test_bad_values_name_the_key():
         load_config(None, ["model.name=SiT-XL2"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="data.hflip.*unflipped"):  # it used to be ignored silently
+        load_config(None, ["data.name=latent_cache", "data.hflip=true"])
 
 
 def test_every_field_has_a_docstring():
