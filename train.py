@@ -205,6 +205,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                       f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
     while step < t.max_steps:
         if module.phase != module.phase_at(step):  # ERW's transition: fresh optimizer, EMA from the warm weights
+            module.aligners[module.warm].end_warmup(torch.Generator().manual_seed(t.seed))  # same on every process
             trainee, optimizer = prepare_step(accelerator, trainee, module.phase_at(step), step, cfg)
             ema.reset(model)  # (spec 3.2)
             accelerator.print(f"step {step}: warmup done, training the whole model")

@@ -225,3 +225,19 @@ def test_erw_on_dit_with_ddpm_runs_both_phases(tmp_path, assets):
     logs = records(tmp_path / "run")
     assert [("erw/warmup" in r, "erw" in r and "denoise" in r) for r in logs] == [(True, False)] + [(False, True)] * 2
     assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "ema.safetensors")).values())
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_train_redraws_the_projector_at_the_transition_unless_reused(tmp_path, assets, reuse):
+    """One Adam step after the transition moves each weight by at most lr (1e-3): from the warm projector, or from
+    a fresh xavier draw of the generator seeded with train.seed."""
+    args = erw_args(assets, tmp_path / "run", "train.max_steps=3", f"align.erw_reuse_projector={str(reuse).lower()}")
+    train_job.train(load_config(REPO / args[0], args[1:]))
+    warm, after = (load_file(str(tmp_path / "run" / "checkpoints" / f"step-0000000{k}" / "model.safetensors"))
+                   for k in (2, 3))
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 2, 4):
+        key = f"aligners.erw.projectors.0.{layer}.weight"
+        start = warm[key] if reuse else torch.nn.init.xavier_uniform_(torch.empty(warm[key].shape), generator=g)
+        assert (after[key] - start).abs().max() <= 1e-3 * 1.01, key
+        assert reuse or (after[key] - warm[key]).abs().max() > 1e-2, key
