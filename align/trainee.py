@@ -2,7 +2,11 @@
 
 Wrapping both in one module lets one DDP wrapper synchronise the backbone's and the projectors' gradients
 and lets Accelerate's autocast cover the student forward and the alignment losses alike. The student runs
-once, with the union of every aligner's taps (DESIGN.md 3.4).
+once, with the union of every computed aligner's taps (DESIGN.md 3.4).
+
+What a step trains follows the step: during an aligner's warmup phase (ERW) only that aligner and the backbone
+parts it names, afterwards everything; aligners past their stop step are no longer computed. `set_phase` flips
+requires_grad accordingly and the trainer re-wraps the module with Accelerate when that changes.
 """
 from __future__ import annotations
 
@@ -114,7 +118,6 @@ class Trainee(nn.Module):
                 logs[name] = result["loss"].detach()
                 logs.update({f"{name}/{k}": v.detach().reshape(-1) for k, v in result.items() if k != "loss"})
         return total, logs
-
 
     def _warmup_forward(self, x0: Tensor, y: Tensor, step: int, draws: dict[str, Tensor], pixels: Tensor | None,
                         target_feats: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
