@@ -12,6 +12,7 @@ targets online instead of caching them with prepare.py. Latents, labels and imag
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -25,18 +26,27 @@ from gen.factory import build_backbone, build_objective
 from latents import build_latent
 
 
-def timed(fn, steps: int, warmup: int, device) -> float:
-    """Mean seconds per call after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device) -> float:
+    """Seconds of one call, the device synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        fn()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / max(steps, 1)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(runs: dict, steps: int, warmup: int, device) -> dict[str, float]:
+    """Median seconds per call of each function, timed in rounds of one call each so that drifting machine load
+    (a shared CPU swings tens of percent) hits every configuration alike; `warmup` untimed rounds first."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for r in range(warmup + steps):
+        for label, fn in runs.items():
+            seconds = timed(fn, device)
+            if r >= warmup:
+                times[label].append(seconds)
+    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def main() -> None:
@@ -89,14 +99,12 @@ def main() -> None:
                 encoder(pixels)
 
         runs[f"  {name} forward (online targets)"] = encode
-    for fn in runs.values():  # warm every configuration up before timing any (allocator, kernels, caches)
-        timed(fn, 0, args.warmup, device)
-    rows = [(label, timed(fn, args.steps, 0, device)) for label, fn in runs.items()]
+    rows = list(interleaved_medians(runs, args.steps, args.warmup, device).items())
     plain = rows[0][1]
     print(f"{cfg.model.name} batch {n} {str(dtype).split('.')[-1]} on "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     for label, seconds in rows:
-        print(f"{label:40s} {1e3 * seconds:9.1f} ms   x{seconds / plain:.3f} of the plain step")
+        print(f"{label:40s} {1e3 * seconds:9.1f} ms   x{seconds / plain:.3f} of the plain step (median)")
 
 
 if __name__ == "__main__":
