@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
@@ -330,15 +330,26 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"bad value for config key '{key}' in {origin}: {str(err).splitlines()[0]}")
 
 
+BASE_KEY = "base"
+"""Top-level YAML key naming another config file (relative to this one) whose values this file overrides."""
+
+
+def _yaml_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple]:
+    """(values, origin) of `path` after those of its `base` chain, the furthest base first."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config files include each other: {' -> '.join(map(str, (*chain, path.resolve())))}")
+    layer = OmegaConf.load(path)
+    base = layer.pop(BASE_KEY, None) if isinstance(layer, DictConfig) else None
+    below = _yaml_layers(path.parent / str(base), (*chain, path.resolve())) if base is not None else []
+    return [*below, (layer, str(path))]
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted `key=value` overrides, validated; returns a plain `Config`."""
+    """Defaults <- YAML file (after its `base:` files) <- dotted `key=value` overrides, validated; a plain `Config`."""
     conf = OmegaConf.structured(Config)
-    layers = []
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layers.append((OmegaConf.load(path), str(path)))
+    layers = _yaml_layers(Path(yaml_path)) if yaml_path is not None else []
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")

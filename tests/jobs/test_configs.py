@@ -96,3 +96,32 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         assert {f.name for f in dataclasses.fields(cls)} == set(docs), cls.__name__
     assert "train.global_batch_size=256" in describe()
+
+
+def test_base_files_are_merged_first_and_checked(tmp_path):
+    """`base: other.yaml` (relative to the file) is loaded first; the file, then the command line, override it."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 1.0e-3\n  max_steps: 7\nlog:\n  every_steps: 5\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain:\n  lr: 2.0e-3\n")
+    (tmp_path / "sub" / "c.yaml").write_text("base: b.yaml\nlog:\n  every_steps: 9\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", ["train.max_steps=11"])
+    assert (cfg.train.lr, cfg.log.every_steps, cfg.train.max_steps) == (2e-3, 9, 11)
+    (tmp_path / "a.yaml").write_text("base: sub/c.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "sub" / "c.yaml")
+    (tmp_path / "sub" / "b.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml does not exist \(the base of .*b.yaml\)"):
+        load_config(tmp_path / "sub" / "c.yaml")
+    (tmp_path / "sub" / "b.yaml").write_text("train:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"'train.lrr' in .*b.yaml"):
+        load_config(tmp_path / "sub" / "c.yaml")
+
+
+def test_derived_recipes_change_only_what_their_method_needs():
+    """The alignment recipes sit on the baselines through `base:`; the backbone and objective stay the baseline's."""
+    pairs = {"sit_xl2_repa": "sit_xl2", "sit_b2_repa": "sit_b2", "dit_xl2_repa": "dit_xl2", "sit_xl2_sra": "sit_xl2",
+             "quickstart_sra": "quickstart"}
+    for derived, base in pairs.items():
+        a, b = (load_config(REPO / "configs" / f"{n}.yaml") for n in (derived, base))
+        assert (a.model, a.objective, a.latent, a.train.lr, a.train.global_batch_size) == (
+            b.model, b.objective, b.latent, b.train.lr, b.train.global_batch_size), derived
