@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from align.trainee import Trainee, build_aligners
-from gen.checkpoint import latest_checkpoint, read_train_state, load_checkpoint, save_checkpoint
+from gen.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
-from gen.factory import build_backbone, build_objective, micro_slice, step_draws
 from gen.eval.metrics import MetricSuite
+from gen.factory import build_backbone, build_objective, micro_slice, step_draws
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
 from gen.sampling.generate import generate, generate_indexed, sample_labels
 from latents import build_latent
@@ -151,23 +151,18 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = build_backbone(cfg, latent.shape).to(device)
     ema = EMA(model, t.ema_decay)
     objective = build_objective(cfg, model)
-    cached = getattr(dataset, "feature_names", ())  # encoder features stored by prepare.py: no encoder runs for them
-    tokens = model.grid[0] * model.grid[1]
-    wrong = {k: s for k, s in getattr(dataset, "feature_shapes", {}).items() if s[0] != tokens}
-    if wrong and cfg.align.methods:
-        raise ConfigError(f"config key 'data.path': the cached encoder features {wrong} (tokens, width) do not match "
-                          f"this backbone's {tokens} tokens; re-run prepare.py with this run's model.name")
-    aligners = build_aligners(cfg, model, cached_targets=cached)
+    cached = getattr(dataset, "feature_shapes", {})  # encoder features stored by prepare.py: no encoder runs for them
+    aligners = build_aligners(cfg, model, cached_targets=cached)  # (their shapes are checked against the backbone)
     trainee = module = Trainee(model, objective, aligners, teacher=ema.model).to(device)  # the EMA: SRA's teacher
-    if trainee.needs_pixels and isinstance(dataset, LatentCacheDataset):
+    if module.needs_pixels and isinstance(dataset, LatentCacheDataset):
         missing = sorted(set(cfg.align.repa_encoders) - set(cached))
         raise ConfigError(f"config key 'align.methods': {cfg.align.methods} need targets of {missing}, which the "
                           f"latent cache {cfg.data.path} does not hold (it has {list(cached)}); re-run prepare.py with "
                           f"data.cache_features={cfg.align.repa_encoders}, or train from data.name=image_folder")
     warm_cost = None
-    if trainee.warm is not None:  # a warmup step's cost in full steps, for honest compute accounting (spec 3.6)
-        warm_cost = trainee.aligners[trainee.warm].warmup_cost_ratio(model, cfg.data.image_size)
-        accelerator.print(f"{trainee.warm}: {trainee.aligners[trainee.warm].warmup_steps} warmup steps of "
+    if module.warm is not None:  # a warmup step's cost in full steps, for honest compute accounting (spec 3.6)
+        warm_cost = module.aligners[module.warm].warmup_cost_ratio(model, cfg.data.image_size)
+        accelerator.print(f"{module.warm}: {module.aligners[module.warm].warmup_steps} warmup steps of "
                           f"{warm_cost:.3f} full steps each")
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module

@@ -86,8 +86,9 @@ class Aligner(nn.Module, ABC):
     def forward(self, feats: dict[int, Tensor], batch: AlignBatch) -> dict[str, Tensor]:
         """`"loss"`: (N,) per-sample loss (unweighted); other entries: detached scalar logs."""
 
-    def warmup_loss(self, model: nn.Module, x0: Tensor, y: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
-        """Aligners with `warmup_steps > 0`: the whole per-sample loss of a warmup step (only it trains then)."""
+    def warmup_loss(self, model: nn.Module, batch: AlignBatch) -> dict[str, Tensor]:
+        """Aligners with `warmup_steps > 0`: the whole per-sample loss of a warmup step (only it trains then);
+        `batch` holds the clean input as x0 and x_t, t = 0 and the post-dropout labels."""
         raise NotImplementedError(f"{type(self).__name__} has no warmup phase")
 
     def warm_parameters(self) -> tuple[str, ...]:

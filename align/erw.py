@@ -26,7 +26,16 @@ from torch import Tensor, nn
 
 from align.base import AlignBatch, WeightSchedule
 from align.encoders import FrozenEncoder
-from align.repa import MODEL_SIZES, REPA, build_targets, check_encoders, check_layer, config_blocks, default_depth
+from align.repa import (
+    MODEL_SIZES,
+    REPA,
+    build_targets,
+    check_encoders,
+    check_layer,
+    config_blocks,
+    default_depth,
+    init_projector,
+)
 from gen.config import check
 
 # c0, the REPA weight at the transition, per size (reference code: XL 6, L 3, otherwise 1).
@@ -86,10 +95,10 @@ class ERW(REPA):
         """Backbone parameters phase 1 trains: the x/t/y embedders and blocks 1..K (pos_embed is frozen anyway)."""
         return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(self.warm_depth)))
 
-    def warmup_loss(self, model: nn.Module, x0: Tensor, y: Tensor, batch: AlignBatch) -> dict[str, Tensor]:
+    def warmup_loss(self, model: nn.Module, batch: AlignBatch) -> dict[str, Tensor]:
         """Phase 1, per sample: warmup_coeff * -(1/T) sum_i cos(P(h_K(x0, t=0, y))_i, z_i) (spec 3.1), or NT-Xent."""
-        t0 = torch.zeros(x0.shape[0], device=x0.device)
-        h = model(x0, t0, y, taps=(self.warm_depth,), stop_at=self.warm_depth).feats[self.warm_depth]  # (N, T, D)
+        k = self.warm_depth
+        h = model(batch.x0, batch.t, batch.y, taps=(k,), stop_at=k).feats[k]  # (N, T, D), t = 0: the clean input
         if self.warmup_loss_name == "nt_xent":
             result = self.align_tokens(h, batch, lambda p, z: nt_xent(p, z, self.temperature))
         else:
@@ -98,16 +107,9 @@ class ERW(REPA):
 
     def end_warmup(self, generator: torch.Generator) -> None:
         """At the transition: keep the warm projector (reference) or re-draw it (xavier weights, zero biases)."""
-        if self.reuse_projector:
-            return
-        with torch.no_grad():
+        if not self.reuse_projector:
             for projector in self.projectors:
-                for layer in projector[::2]:
-                    # The generator lives on the CPU: draw there, then copy to the parameter's device.
-                    w = torch.empty(layer.weight.shape)
-                    nn.init.xavier_uniform_(w, generator=generator)
-                    layer.weight.copy_(w)
-                    layer.bias.zero_()
+                init_projector(projector, generator)
 
     @torch.no_grad()
     def warmup_cost_ratio(self, model: nn.Module, image_size: int) -> float:

@@ -63,8 +63,15 @@ def check_layer(cfg, key: str, layer: int | None, default) -> None:
 
 def build_targets(cfg, model: nn.Module, cached_targets: Collection[str] = ()) -> tuple[dict, dict[str, int]]:
     """`align.repa_encoders` for `model`'s token grid: the frozen encoders to run (those not in the cache) and
-    every target's width."""
+    every target's width. `cached_targets` names the cached encoders, or maps them to their cached (T, d), which
+    must then be one token per backbone token at the encoder's width."""
     a = cfg.align
+    if isinstance(cached_targets, Mapping):
+        tokens = model.grid[0] * model.grid[1]
+        wrong = {name: tuple(shape) for name, shape in cached_targets.items()
+                 if name in a.repa_encoders and tuple(shape) != (tokens, ENCODERS[name].dim)}
+        check(not wrong, "data.path", f"the cached encoder features {wrong} (tokens, width) do not fit this "
+              f"backbone's {tokens} tokens; re-run prepare.py with this run's model.name and data.image_size")
     encoders = {
         name: build_encoder(name, a.encoder_weights.get(name), cfg.data.image_size, model.grid)
         for name in a.repa_encoders if name not in cached_targets
@@ -79,10 +86,19 @@ def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Se
         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, out_dim),
     )
-    for layer in mlp[::2]:  # REPA initialises them with the backbone's basic init: xavier weights, zero bias
-        nn.init.xavier_uniform_(layer.weight)
-        nn.init.zeros_(layer.bias)
+    init_projector(mlp)
     return mlp
+
+
+@torch.no_grad()
+def init_projector(mlp: nn.Sequential, generator: torch.Generator | None = None) -> None:
+    """REPA's init, the backbone's basic one: xavier-uniform weights, zero biases. Weights are drawn on the CPU
+    (from `generator`, else torch's global one) and copied, so a CPU generator serves parameters on any device."""
+    for layer in mlp[::2]:
+        weight = torch.empty(layer.weight.shape)
+        nn.init.xavier_uniform_(weight, generator=generator)
+        layer.weight.copy_(weight)
+        nn.init.zeros_(layer.bias)
 
 
 def negative_cosine(pred: Tensor, target: Tensor) -> Tensor:

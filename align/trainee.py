@@ -126,7 +126,7 @@ class Trainee(nn.Module):
         zeros = torch.zeros(x0.shape[0], device=x0.device)
         batch = AlignBatch(x0=x0, x_t=x0, t=zeros, noise=torch.zeros_like(x0), y=y, step=step, pixels=pixels,
                            target_feats=target_feats)
-        result = self.aligners[self.warm].warmup_loss(self.model, x0, y, batch)
+        result = self.aligners[self.warm].warmup_loss(self.model, batch)
         logs = {f"{self.warm}/warmup/{k}": v.detach().reshape(-1) for k, v in result.items() if k != "loss"}
         return result["loss"], {f"{self.warm}/warmup": result["loss"].detach(), **logs}
 

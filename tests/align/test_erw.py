@@ -44,7 +44,7 @@ def test_warmup_loss_equals_formula():
     x0, y, z = pinned()
     batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), y=y, step=0,
                        target_feats={"a": z})
-    loss = erw.warmup_loss(model, x0, y, batch)["loss"]
+    loss = erw.warmup_loss(model, batch)["loss"]
     with torch.no_grad():
         h = model.x_embedder(x0) + model.pos_embed
         c = model.t_embedder(torch.zeros(N)) + model.y_embedder(y)
@@ -201,7 +201,7 @@ def test_nt_xent_warmup_loss_equals_its_definition():
     x0, y, z = pinned()
     batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), y=y, step=0,
                        target_feats={"a": z})
-    out = erw.warmup_loss(model, x0, y, batch)
+    out = erw.warmup_loss(model, batch)
     with torch.no_grad():
         h = model(x0, torch.zeros(N), y, taps=(2,), stop_at=2).feats[2]
         p = erw.projectors[0](h).double()

@@ -185,6 +185,11 @@ def test_from_config_builds_encoders_unless_cached(tmp_path):
     assert student_step(model, repa, pixels=pixels)[1]["loss"].shape == (N,)
     cached = ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s"})
     assert not cached.needs_pixels and cached.projectors[0][-1].out_features == 384
+    fitting = ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s": (T, 384)})
+    assert not fitting.needs_pixels
+    for shape in ((T + 1, 384), (T, 768)):  # a cache made for another grid, or by another encoder width
+        with pytest.raises(ConfigError, match="data.path.*do not fit"):
+            ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s": shape})
 
 
 def test_config_validation():

@@ -35,9 +35,10 @@ def test_every_config_builds_tiny_and_steps(path: Path):
     objective = build_objective(cfg, model)
     assert cfg.sampler.sampler in objective.SAMPLERS
     ema = EMA(model, cfg.train.ema_decay)
-    trainee = Trainee(model, objective, build_aligners(cfg, model, cached_targets=ENCODERS), teacher=ema.model)
-    assert not trainee.needs_pixels
     tokens = model.grid[0] * model.grid[1]
+    cached = {name: (tokens, spec.dim) for name, spec in ENCODERS.items()}  # every target as if prepare.py cached it
+    trainee = Trainee(model, objective, build_aligners(cfg, model, cached_targets=cached), teacher=ema.model)
+    assert not trainee.needs_pixels
     feats = {name: torch.randn(2, tokens, ENCODERS[name].dim) for name in cfg.align.repa_encoders}
     x0 = torch.randn(2, *latent.shape)
     for phase in sorted({trainee.phase_at(0), "full"}):
