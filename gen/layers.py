@@ -1,7 +1,7 @@
 """Building blocks shared by the transformer backbones.
 
 Module and parameter names follow the official DiT/SiT/REPA code (timm's PatchEmbed, Attention and Mlp
-naming), so their checkpoints load with `load_state_dict` (spec section 1.2).
+naming), so their checkpoints load with `load_state_dict` (DiT models.py, SiT models.py, REPA models/sit.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-process feature accumulation and its reduction across processes (specs/evaluation.md section 7).
+"""Per-process feature accumulation and its reduction across processes (the float64 statistics of guided-diffusion
+evaluator.py, made summable; samples keyed by the global index of DiT sample_ddp.py / REPA generate.py).
 
 An `Accumulator` runs uint8 image batches through the feature networks and keeps, per feature, what the metrics
 need: float64 Gaussian statistics (summed across processes), the features themselves (gathered, for

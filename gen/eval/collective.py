@@ -1,7 +1,7 @@
 """The three collectives the metrics need, over torch.distributed when it is initialised (accelerate does), else local.
 
-specs/evaluation.md section 7: statistics are summed (all-reduce of plain float64 tensors), features are gathered
-only for precision/recall, and every rank joins each collective in the same order.
+Statistics are summed (all-reduce of plain float64 tensors, the sums behind guided-diffusion evaluator.py's np.mean /
+np.cov), features are gathered only for precision/recall, and every rank joins each collective in the same order.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Plumbing shared by the feature networks: exact float32 execution, local weight files and their sha256.
 
-specs/evaluation.md section 4: the extractor runs in float32 with TF32 off and no autocast, whatever the job
-around it set (train.py enables TF32 and bf16 autocast for the backbone). Section 3 and DESIGN.md "Offline first":
+As the float32 TF graph of guided-diffusion evaluator.py, the extractor runs in float32 with TF32 off and no autocast,
+whatever the job around it set (train.py enables TF32 and bf16 autocast for the backbone; precision moves FID, SiT
+issue #14). DESIGN.md "Offline first" (pytorch-fid and torch-fidelity download their Inception weights at run time):
 weights come from a local path given by configuration, a missing file is one error naming the file, where it is
 published and the config key, and the file's sha256 is recorded with every score.
 """

@@ -1,8 +1,10 @@
 """Gaussian feature statistics (float64 running sums, all-reducible) and the Frechet distance between Gaussians.
 
-Numerics follow specs/evaluation.md section 5: sums are kept in float64 (a one-pass float32 covariance drifts by
-~1e-6 at 10K samples), and the trace term uses the symmetric eigendecomposition route instead of scipy's sqrtm,
-which is ~20x slower at d = 2048 and has had precision regressions (SciPy 1.11.2-1.12).
+The distance is FID's (Heusel et al. 2017; guided-diffusion evaluator.py `frechet_distance`), computed differently:
+sums are kept in float64 (a one-pass float32 covariance drifts by ~1e-6 at 10K samples), and the trace term uses the
+symmetric eigendecomposition route instead of scipy's sqrtm, which is ~20x slower at d = 2048 and has had precision
+regressions (SciPy 1.11.2-1.12: scipy issue #19415, pytorch-fid #100); eigvalsh of the non-symmetric product Sigma1
+Sigma2 is wrong (torch-fidelity issue #46).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ADM evaluator's Inception features through torch-fidelity's TF-compatible InceptionV3 (specs/evaluation.md 1-4).
+"""The ADM evaluator's Inception features through torch-fidelity's TF-compatible InceptionV3
+(guided-diffusion evaluations/evaluator.py; torch-fidelity feature_extractor_inceptionv3.py).
 
 One forward gives the three feature sets of the ADM suite:
 - `pool_3` (2048): TF `pool_3:0`, for FID and precision/recall;

@@ -1,4 +1,5 @@
-"""Streaming FID, sFID, IS, precision/recall and FD-DINOv2 over any number of processes (specs/evaluation.md 1, 6, 7).
+"""Streaming FID, sFID, IS, precision/recall and FD-DINOv2 over any number of processes (the ADM
+protocol of guided-diffusion evaluations/evaluator.py; FD-DINOv2 as in dgm-eval).
 
     suite = MetricSuite(["fid", "is", "pr"], cfg.eval, device)   # loads the feature networks (local weights)
     for images, index in my_batches:                             # each process: its own samples

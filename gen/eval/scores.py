@@ -1,6 +1,8 @@
 """Scores from features: Frechet distance of statistics, Inception Score by global-index splits, k-NN precision/recall.
 
-Formulas and the ADM evaluator's conventions are in specs/evaluation.md sections 1 and 5.
+Formulas: FID (Heusel et al. 2017), sFID (Nash et al. 2021), Inception Score (Salimans et al. 2016) and improved
+precision/recall (Kynkaanniemi et al. 2019, k = 3), with the ADM evaluator's conventions (guided-diffusion
+evaluations/evaluator.py).
 """
 from __future__ import annotations
 

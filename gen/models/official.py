@@ -1,6 +1,6 @@
 """Official DiT, SiT and REPA checkpoints -> our model state (and back).
 
-Containers (spec section 1.2):
+Containers (DiT download.py `find_model`; the train.py checkpoint dicts of DiT, SiT and REPA):
 - bare state dicts: DiT's `DiT-XL-2-256x256.pt` and SiT's `SiT-XL-2-256x256.pt` (EMA weights);
 - training checkpoints of all three repos: a dict with `model`, `ema`, `opt`, `args` (an argparse
   Namespace, pickled) and, for REPA, `steps`. Loaded with `weights_only=True`, the Namespace allowed.

@@ -1,6 +1,7 @@
 """Flow samplers as pure functions (k-diffusion style) and the time grids they run on.
 
-Time convention (spec section 2): t = 1 is noise, t = 0 is data; every sampler integrates t from ts[0] down to ts[-1].
+Time convention (REPA loss.py / samplers.py): t = 1 is noise, t = 0 is data; every sampler integrates t from ts[0]
+down to ts[-1].
 All samplers share one signature `(model_fn, x_T, ts, *, extra_args=None, callback=None, ...)`, where
 `model_fn(x, t, **extra_args)` returns the velocity dx/dt. The state is kept in float64; the network sees x in
 x_T's dtype and t as an (N,) float64 vector (`network_fn` casts it), and its output is cast back to float64

@@ -12,8 +12,8 @@ from align.encoders import ENCODERS, FrozenEncoder, build_encoder, create_encode
 TINY = dict(depth=1, embed_dim=32, num_heads=2)  # the registered architecture, shrunk to one narrow block
 GRID, IMAGE = 16, 256  # SiT/2 on 256 px images: 16 x 16 tokens
 
-# Written from the spec's table 1.3 (not from the registry): token width at full size, encoder input side at
-# 256 px, and whether it normalises before resizing.
+# Written from REPA's encoders (utils.py `load_encoders`, train.py `preprocess_raw_image`), not from the registry:
+# token width at full size, encoder input side at 256 px, and whether it normalises before resizing.
 SPEC_TABLE = {
     **{f"dinov2{r}-vit-{k}": (d, 224, True) for r in ("", "reg")
        for k, d in dict(s=384, b=768, l=1024, g=1536).items()},

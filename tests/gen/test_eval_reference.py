@@ -2,7 +2,8 @@
 arr_0 and cached, --make-reference files, and FD growing with noise on real offline images.
 
 A small fixed random-conv feature map stands in for Inception here (the Inception tests use the real loader):
-it keeps N well above the feature width on real photos without 2048-d covariances (spec section 10.9).
+it keeps N well above the feature width on real photos without 2048-d covariances (N < d: singular
+covariance, bioinf-jku/TTUR issue #4).
 """
 import itertools
 

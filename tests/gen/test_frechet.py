@@ -42,7 +42,7 @@ def test_commuting_full_covariances_closed_form():
 
 
 def test_scaled_covariance_closed_form():
-    """Sigma2 = c^2 Sigma1 gives FD = |mu1 - mu2|^2 + (1 - c)^2 Tr Sigma1 (spec section 10.1)."""
+    """Sigma2 = c^2 Sigma1 gives FD = |mu1 - mu2|^2 + (1 - c)^2 Tr Sigma1 (FID formula, Heusel et al. 2017)."""
     rng = np.random.default_rng(2)
     s1, c = random_spd(rng, 10), 1.7
     mu1, mu2 = rng.standard_normal(10), rng.standard_normal(10)
