@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from gen.data import DataError
 from gen.eval.accumulate import feed
 from gen.eval.metrics import METRICS, MetricSuite
 from gen.eval.reference import make_reference, open_images, write_stats
+from gen.io import atomic_write_text
 
 
 def default_out(images: Path, make: bool) -> Path:
@@ -53,9 +53,7 @@ def sampling_record(images: Path) -> dict | None:
 
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv: list[str] | None = None) -> Path:

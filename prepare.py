@@ -2,23 +2,22 @@
 
     python prepare.py CONFIG [key=value ...] [--out DIR] [--shard-size N] [--batch-size N]
     accelerate launch prepare.py configs/...yaml data.name=image_folder data.path=/data/imagenet/train \
-        latent.vae_path=/weights/sd-vae-ft-ema --out /data/cache/in256-sdvae
+        latent.sd_vae.vae_path=/weights/sd-vae-ft-ema --out /data/cache/in256-sdvae
 
-cfg.data names the source (digits or image_folder) and cfg.latent the encoding. Shard k holds items
+cfg.data names the source (digits, image_folder or hf) and cfg.latent the encoding. Shard k holds items
 [k*S, (k+1)*S) and is written by process k % world_size, each file atomically (temporary file, then rename),
 so a killed run resumes by skipping complete shards; meta.json, which makes the cache usable, comes last.
 Train on the result with data.name=latent_cache data.path=DIR and the same latent.* / data.image_size.
 
 data.cache_features=[dinov2-vit-b] (weights from align.encoder_weights) also stores each frozen encoder's patch
 tokens on the configured backbone's token grid (model.*), float16 (N, T, d) per shard, from the same unflipped
-images (spec section 1.5): REPA then reads them from the cache and training runs no encoder.
+images (REPA uses no augmentation, REPA issue #19): REPA then reads them from the cache and training runs no encoder.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from tqdm import tqdm
 
 from gen.config import ConfigError, load_config
 from gen.data import META, DataError, build_dataset, dataset_channels, features_file, labels_file, shard_file
-from gen.factory import build_backbone
+from gen.io import atomic_write, atomic_write_text, to_rgb
+from gen.models import build_backbone, require_grid
 from latents import build_latent
 
 IN_PROGRESS = "prepare.json"
@@ -49,20 +49,25 @@ def parse_args(argv=None):
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    # A killed process leaves at most a .tmp file, never a truncated shard under the final name.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    # A killed process leaves at most a temporary file, never a truncated shard under the final name.
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
-def _complete(out: Path, k: int, n: int, raw_shape: tuple, feature_shapes: dict | None = None) -> bool:
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (a latent space's raw_dtype, as its cache shards hold it)."""
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _complete(out: Path, k: int, n: int, raw_shape: tuple, feature_shapes: dict | None = None,
+              raw_dtype: np.dtype = np.dtype(np.float32)) -> bool:
     """Shard k exists with the expected shapes (its files were renamed into place, hence whole)."""
     feature_shapes = feature_shapes or {}
     try:
@@ -71,7 +76,7 @@ def _complete(out: Path, k: int, n: int, raw_shape: tuple, feature_shapes: dict 
         feats = {name: np.load(out / features_file(name, k), mmap_mode="r") for name in feature_shapes}
     except (OSError, ValueError):
         return False
-    return raw.shape == (n, *raw_shape) and raw.dtype == np.float32 and labels.shape == (n,) \
+    return raw.shape == (n, *raw_shape) and raw.dtype == raw_dtype and labels.shape == (n,) \
         and labels.dtype == np.int64 \
         and all(f.shape == (n, *feature_shapes[name]) and f.dtype == np.float16 for name, f in feats.items())
 
@@ -86,16 +91,18 @@ def build_encoders(cfg, latent, device) -> dict:
     if any(name not in ENCODERS for name in names) or len(set(names)) != len(names):
         raise ConfigError(f"config key 'data.cache_features': distinct keys of {sorted(ENCODERS)}, got {names}")
     with torch.device("meta"):  # only the grid is needed: no memory, no initialisation
-        grid = build_backbone(cfg, latent.shape).grid  # one target token per backbone token (spec 1.3)
+        # One target token per backbone token (REPA train.py interpolates the encoder input to the patch grid).
+        grid = require_grid(build_backbone(cfg, latent.shape), "data.cache_features")
     return {name: build_encoder(name, cfg.align.encoder_weights.get(name), cfg.data.image_size, grid).to(device)
             for name in names}
 
 
 def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = None) -> dict:
     """What meta.json records: shapes, counts, the latent space's settings, the source and any encoder features."""
+    hf = cfg.data.name == "hf"  # its split and columns name the source too
     features = {
         # Computed with an fp32 forward (no autocast), stored as fp16: slightly off REPA's per-step autocast
-        # features (spec 1.5).
+        # features (REPA train.py runs the encoder under accelerator.autocast).
         name: {"shape": [enc.num_tokens, enc.dim], "dtype": "float16", "computed_in": "float32",
                "encoder": enc.spec.arch, "weights": cfg.align.encoder_weights.get(name)}
         for name, enc in (encoders or {}).items()
@@ -103,6 +110,7 @@ def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = No
     return {
         "format": 1,
         "raw_shape": list(latent.raw_shape),
+        "raw_dtype": str(numpy_dtype(latent.raw_dtype)),
         "dtype": "float32",
         "count": len(dataset),
         "shard_size": shard_size,
@@ -111,8 +119,10 @@ def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = No
         "image_size": cfg.data.image_size,
         "channels": dataset_channels(cfg),
         "num_classes": int(dataset.num_classes),
-        # Unflipped images (REPA trains without flips, spec section 8); build_dataset never flips.
-        "source": {"name": cfg.data.name, "path": cfg.data.path, "split": "train", "hflip": False},
+        # Unflipped images (REPA trains without flips, REPA issue #19); build_dataset never flips.
+        "source": {"name": cfg.data.name, "path": cfg.data.path, "split": cfg.data.split if hf else "train",
+                   "hflip": False, **({"image_column": cfg.data.image_column, "label_column": cfg.data.label_column}
+                                      if hf else {})},
         **({"features": features} if features else {}),  # absent without features: older caches stay valid
     }
 
@@ -150,9 +160,9 @@ def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_
     feats = {name: np.empty((len(indices), enc.num_tokens, enc.dim), np.float16) for name, enc in encoders.items()}
     for batch in loader:
         images = batch["image"].to(device)
-        raws.append(latent.encode_raw(images).float().cpu().numpy())
+        raws.append(latent.encode_raw(images).to(latent.raw_dtype).cpu().numpy())
         labels.append(batch["label"].numpy().astype(np.int64))
-        pixels = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # grayscale as RGB, as train.py
+        pixels = to_rgb(images)  # grayscale as RGB, as train.py
         for name, encoder in encoders.items():
             feats[name][done:done + len(images)] = _float16(encoder(pixels).float().cpu().numpy(), name, k)
         done += len(images)
@@ -165,7 +175,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.data.name == "latent_cache":
-        raise ConfigError("config key 'data.name': prepare.py reads images (digits or image_folder), not a cache")
+        raise ConfigError("config key 'data.name': prepare.py reads images (digits, image_folder or hf), not a cache")
     if args.shard_size <= 0 or args.batch_size <= 0:
         raise ConfigError("--shard-size and --batch-size must be positive")
     out = Path(args.out or f"caches/{cfg.data.name}-{cfg.latent.name}-{cfg.data.image_size}")
@@ -194,7 +204,8 @@ def main(argv=None) -> None:
         """Items in shard k (the last one is short)."""
         return min(args.shard_size, meta["count"] - k * args.shard_size)
 
-    todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape, feature_shapes)]
+    raw_dtype = numpy_dtype(latent.raw_dtype)
+    todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape, feature_shapes, raw_dtype)]
     accelerator.print(f"{meta['num_shards']} shards of {args.shard_size} over {world} processes; process 0 "
                       f"skips {len(shards) - len(todo)} complete, encodes {len(todo)}")
     bar = tqdm(total=sum(size(k) for k in todo), desc=f"prepare {out.name}", unit="img",
@@ -211,7 +222,7 @@ def main(argv=None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = [k for k in range(meta["num_shards"])
-                   if not _complete(out, k, size(k), latent.raw_shape, feature_shapes)]
+                   if not _complete(out, k, size(k), latent.raw_shape, feature_shapes, raw_dtype)]
         if missing:
             raise DataError(f"shards {missing[:5]} of {out} are missing after encoding; re-run prepare.py")
         _write_json(out / META, meta)

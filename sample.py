@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,12 +26,13 @@ from numpy.lib.format import open_memmap
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from gen.checkpoint import CheckpointError, resolve_weights
-from gen.config import Config, ConfigError, load_config, to_yaml
-from gen.eval import SAMPLE_METRICS, split_sample_metrics
-from gen.eval.metrics import MetricSuite
-from gen.factory import build_backbone, build_objective
+from gen.checkpoint import CheckpointError, load_latent_state, resolve_weights
+from gen.config import Config, ConfigError, choose, load_config, to_yaml
+from gen.eval import SAMPLE_METRICS, build_suite, split_sample_metrics
+from gen.io import atomic_write_text
 from gen.logging import save_grid
+from gen.models import build_backbone
+from gen.objectives import build_objective
 from gen.sampling.generate import generate_indexed, sample_labels
 from latents import build_latent
 
@@ -53,7 +53,8 @@ def load_model(cfg: Config, ema_path: Path, latent, device) -> torch.nn.Module:
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{ema_path} does not fit the configured model ({cfg.model.name}): {detail}. Do not "
-                              f"override model.* keys when sampling; the run's config.yaml describes the model") from None
+                              f"override model.* keys when sampling; the run's config.yaml describes the model"
+                              ) from None
     return model.to(device).eval()
 
 
@@ -66,14 +67,16 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         ema_path, cfg_path = resolve_weights(args.weights)
         cfg = load_config(cfg_path, args.overrides)
-        streamed, after = split_sample_metrics(cfg.sample.metrics)
+        modality = choose("latent", cfg.latent.name, "latent.name").modality
+        streamed, after = split_sample_metrics(cfg.sample.metrics, modality)
     except (ConfigError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
     accelerator = Accelerator()
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     latent = build_latent(cfg).load_weights(device)  # a missing VAE fails before anything is written
-    suite = MetricSuite(streamed, cfg.eval, device) if streamed else None  # so does a missing Inception file
+    load_latent_state(ema_path.parent, latent)
+    suite = build_suite(streamed, cfg.eval, device, latent.modality) if streamed else None  # Inception file too
     s = cfg.sample
     out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
     tmp_dir = out.parent / f".tmp-{out.stem}"
@@ -83,24 +86,24 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
 
     model = load_model(cfg, ema_path, latent, device)
-    objective = build_objective(cfg, model)
-    labels = sample_labels(s.num_samples, cfg.model.num_classes, s.labels, s.seed)
+    objective = build_objective(cfg, model).load_weights(device)
+    labels = sample_labels(s.num_samples, cfg.cond.num_classes, s.labels, s.seed)
     mine = np.arange(rank, s.num_samples, world)  # this process's global indices
     part, written = None, 0
     bar = tqdm(total=len(mine), disable=not accelerator.is_main_process, desc="sample")
     batches = generate_indexed(model, objective, latent, cfg.sampler, labels, mine, s.seed, s.batch_per_process,
                                s.rounding, device)
-    for idx, images in batches:
+    for idx, samples in batches:
         if suite is not None:
-            suite.update(images, torch.as_tensor(idx))
+            suite.update(samples, torch.as_tensor(idx))
         bar.update(len(idx))
         if not s.write_images:
             continue
-        images = images.permute(0, 2, 3, 1).cpu().numpy()  # NHWC, as the ADM evaluator reads it
+        rows = latent.to_storage(samples)  # images: NHWC uint8, as the ADM evaluator reads them
         if part is None:
-            part = open_memmap(tmp_dir / f"part-{rank}.npy", mode="w+", dtype=np.uint8,
-                               shape=(len(mine), *images.shape[1:]))
-        part[written:written + len(idx)] = images
+            part = open_memmap(tmp_dir / f"part-{rank}.npy", mode="w+", dtype=rows.dtype,
+                               shape=(len(mine), *rows.shape[1:]))
+        part[written:written + len(idx)] = rows
         written += len(idx)
     bar.close()
     if part is not None:
@@ -108,12 +111,12 @@ def main(argv: list[str] | None = None) -> Path:
     scores = {"metrics": suite.compute(), "metrics_protocol": suite.protocol()} if suite is not None else {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_outputs(cfg, out, tmp_dir, world, labels, ema_path, scores, after)
+        write_outputs(cfg, latent, out, tmp_dir, world, labels, ema_path, scores, after)
     accelerator.wait_for_everyone()
     return out
 
 
-def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path,
+def write_outputs(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path,
                   scores: dict, after: list[str]) -> None:
     """Interleave the processes' parts into global index order, write .npz (atomically), grid, metrics, record."""
     record = {"checkpoint": str(ema_path.parent), "num_samples": cfg.sample.num_samples,
@@ -122,32 +125,31 @@ def write_outputs(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.
                           "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval)},
               **scores}
     if cfg.sample.write_images:
-        record.update(write_images(cfg, out, tmp_dir, world, labels, after))
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        record.update(write_samples(cfg, latent, out, tmp_dir, world, labels, after))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
     measured = {k: record[k] for k in ("metrics", *after) if k in record}
     if measured:
-        (out.parent / "metrics.json").write_text(json.dumps({**measured, "protocol": record}, indent=1))
+        atomic_write_text(out.parent / "metrics.json", json.dumps({**measured, "protocol": record}, indent=1))
         print(json.dumps(measured, indent=1))
-    (out.parent / f"{out.stem}.config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(out.parent / f"{out.stem}.config.yaml", to_yaml(cfg))
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def write_images(cfg: Config, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, after: list[str]) -> dict:
-    """The .npz in global index order, the grid, and the SAMPLE_METRICS computed on all images."""
+def write_samples(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, labels: np.ndarray,
+                  after: list[str]) -> dict:
+    """The processes' rows in global index order, saved by the latent space (images: ADM .npz), the grid, and
+    the SAMPLE_METRICS computed on all samples."""
     parts = [np.load(tmp_dir / f"part-{r}.npy", mmap_mode="r") for r in range(world) if r < cfg.sample.num_samples]
-    full = open_memmap(tmp_dir / "all.npy", mode="w+", dtype=np.uint8, shape=(cfg.sample.num_samples, *parts[0].shape[1:]))
+    full = open_memmap(tmp_dir / "all.npy", mode="w+", dtype=parts[0].dtype,
+                       shape=(cfg.sample.num_samples, *parts[0].shape[1:]))
     for r, part in enumerate(parts):
         full[r::world] = part  # process r drew indices r, r + world, ...
     full.flush()
-    tmp_npz = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp_npz, arr_0=full, arr_1=labels)
-    os.replace(tmp_npz, out)
-    images = torch.from_numpy(np.asarray(full[:cfg.sample.grid_num])).permute(0, 3, 1, 2)
-    grid = save_grid(images, out.with_suffix(".png"))
+    latent.save_samples(out, full, labels)
+    grid = save_grid(latent.render(latent.from_storage(full[:cfg.sample.grid_num])), out.with_suffix(".png"))
     record = {"npz": str(out), "grid": str(grid)}
     for name in after:
-        all_images = torch.from_numpy(np.asarray(full)).permute(0, 3, 1, 2)
-        record[name] = SAMPLE_METRICS[name](all_images, torch.from_numpy(labels), cfg)
+        record[name] = SAMPLE_METRICS[latent.modality][name](latent.from_storage(full), torch.from_numpy(labels), cfg)
     print(f"wrote {out} ({len(full)} samples), grid {grid}")
     return record
 

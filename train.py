@@ -5,9 +5,9 @@
     python train.py configs/quickstart.yaml --resume              # continue the exact trajectory
     python train.py --help-config                                 # every config key with its meaning
 
-Randomness (time, noise, label dropout, posterior samples, flips) is drawn for the whole global batch
-from a generator seeded by (seed, step) and each process takes its slice of each micro-step, so a run
-does not depend on the number of processes or accumulation steps, and a resumed run continues bit for bit.
+Randomness (time, noise, condition dropout, posterior samples, flips) is drawn for the whole global batch
+from a generator seeded by (seed, step) and each process takes its slice of each micro-step (gen.step), so a
+run does not depend on the number of processes or accumulation steps, and a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
@@ -22,15 +22,17 @@ from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from align.trainee import Trainee, build_aligners
 from gen.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
+from gen.cond import Conditioning
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
-from gen.eval.metrics import MetricSuite
-from gen.factory import build_backbone, build_objective, micro_slice, step_draws
+from gen.eval import build_suite
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
+from gen.models import build_backbone
+from gen.objectives import build_objective
 from gen.sampling.generate import generate, generate_indexed, sample_labels
+from gen.step import StepDraws, Trainee, build_aligners, model_inputs
 from latents import build_latent
 
 
@@ -64,8 +66,8 @@ def prepare_step(accelerator, trainee, phase: str, step: int, cfg: Config,
                  optimizer=None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(Re)wrap the Trainee with Accelerate for what it trains and computes at `step` of `phase`.
 
-    Without `optimizer` a fresh one is built over the phase's parameters (a run's start, ERW's transition: spec
-    3.2 resets it); with one, its state is kept and only the model is re-wrapped, so DDP forgets the parameters
+    Without `optimizer` a fresh one is built over the phase's parameters (a run's start, ERW's transition: ERW train.py
+    resets it); with one, its state is kept and only the model is re-wrapped, so DDP forgets the parameters
     of aligners switched off for good (their stop_step), which are then no longer computed.
     """
     module = accelerator.unwrap_model(trainee, keep_fp32_wrapper=False)  # also drops the autocast forward wrapper
@@ -76,28 +78,15 @@ def prepare_step(accelerator, trainee, phase: str, step: int, cfg: Config,
     return accelerator.prepare(module, getattr(optimizer, "optimizer", optimizer))  # unwrapped if prepared
 
 
-def to_model_inputs(batch: dict, latent, posterior: torch.Tensor, flip: torch.Tensor | None,
-                    device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A micro-batch -> model-space x0 (online encoding of (flipped) images or a cached raw latent, then a posterior
-    sample with the given noise) and the same images as uint8 RGB for aligners that read pixels (None from a cache)."""
-    if "raw" in batch:
-        return latent.to_model(batch["raw"].to(device, non_blocking=True), noise=posterior), None
-    images = batch["image"].to(device, non_blocking=True)
-    if flip is not None:
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    pixels = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    return latent.to_model(latent.encode_raw(images), noise=posterior), pixels
-
-
 def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) -> None:
     """EMA samples for fixed noise and labels, as a PNG grid (and in TensorBoard)."""
     if not accelerator.is_main_process:
         return
     n = cfg.log.preview_num
     g = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
-    noise = torch.randn((n, *latent.shape), generator=g, device=accelerator.device)
-    labels = torch.arange(n, device=accelerator.device) % cfg.model.num_classes
-    images = generate(ema.model, objective, latent, labels, noise, cfg.sampler, generator=g)
+    noise = objective.prior(latent.shape, g, n=n, device=accelerator.device)
+    labels = torch.arange(n, device=accelerator.device) % cfg.cond.num_classes
+    images = latent.render(generate(ema.model, objective, latent, labels, noise, cfg.sampler, generator=g))
     path = save_grid(images, Path(cfg.train.run_dir) / "previews" / f"step-{step:08d}.png")
     if cfg.log.tracker == "tensorboard":
         accelerator.get_tracker("tensorboard").log_images({"preview": make_grid(images)}, step=step,
@@ -109,7 +98,7 @@ def track_fid(suite, ema: EMA, objective, latent, cfg: Config, world: int, rank:
     """FID-k of the EMA model: k samples split over the processes (random labels, per-sample seeds), streamed."""
     log = cfg.log
     scfg = dataclasses.replace(cfg.sampler, num_steps=log.fid_num_steps or cfg.sampler.num_steps)
-    labels = sample_labels(log.fid_num_samples, cfg.model.num_classes, "random", cfg.train.seed)
+    labels = sample_labels(log.fid_num_samples, cfg.cond.num_classes, "random", cfg.train.seed)
     suite.reset()
     for idx, images in generate_indexed(ema.model, objective, latent, scfg, labels,
                                         range(rank, log.fid_num_samples, world), cfg.train.seed,
@@ -150,20 +139,18 @@ def train(cfg: Config, resume: bool = False) -> Path:
     torch.manual_seed(t.seed)  # identical initialisation on every process
     model = build_backbone(cfg, latent.shape).to(device)
     ema = EMA(model, t.ema_decay)
-    objective = build_objective(cfg, model)
+    conditioning = Conditioning.from_config(cfg)
+    objective = build_objective(cfg, model).load_weights(device)
     cached = getattr(dataset, "feature_shapes", {})  # encoder features stored by prepare.py: no encoder runs for them
-    aligners = build_aligners(cfg, model, cached_targets=cached)  # (their shapes are checked against the backbone)
+    aligners = build_aligners(cfg, model, objective, cached_targets=cached)  # (shapes checked against the backbone)
     trainee = module = Trainee(model, objective, aligners, teacher=ema.model).to(device)  # the EMA: SRA's teacher
-    if module.needs_pixels and isinstance(dataset, LatentCacheDataset):
-        missing = sorted(set(cfg.align.repa_encoders) - set(cached))
+    missing = module.missing_targets(cached)
+    if missing and isinstance(dataset, LatentCacheDataset):
         raise ConfigError(f"config key 'align.methods': {cfg.align.methods} need targets of {missing}, which the "
                           f"latent cache {cfg.data.path} does not hold (it has {list(cached)}); re-run prepare.py with "
-                          f"data.cache_features={cfg.align.repa_encoders}, or train from data.name=image_folder")
-    warm_cost = None
-    if module.warm is not None:  # a warmup step's cost in full steps, for honest compute accounting (spec 3.6)
-        warm_cost = module.aligners[module.warm].warmup_cost_ratio(model, cfg.data.image_size)
-        accelerator.print(f"{module.warm}: {module.aligners[module.warm].warmup_steps} warmup steps of "
-                          f"{warm_cost:.3f} full steps each")
+                          f"data.cache_features={missing}, or train from data.name=image_folder")
+    if module.summary():
+        accelerator.print(module.summary())
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
     # A checkpoint holds the optimizer of the phase that wrote it; a transition due at its step happens after loading.
@@ -171,14 +158,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
     step = saved["step"]
     phase = saved.get("phase", module.phase_at(max(step - 1, 0)))
     if phase == "full" and module.phase_at(step) == "warmup":
-        raise ConfigError(f"config key 'align.erw_warmup_steps': checkpoint {ckpt} is past the warmup, which this "
-                          f"config would resume at step {step}; keep the run's value")
+        raise ConfigError(f"config key 'align.{module.warm}.warmup_steps': checkpoint {ckpt} is past the warmup, "
+                          f"which this config would resume at step {step}; keep the run's value")
     trainee, optimizer = prepare_step(accelerator, trainee, phase, step, cfg)
-    fid_suite = MetricSuite(["fid"], cfg.eval, device) if cfg.log.fid_every_steps else None  # weights fail early
+    fid_suite = build_suite(["fid"], cfg.eval, device, latent.modality) if cfg.log.fid_every_steps else None
 
     state = {"step": 0}
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, ema, cfg)
+        state = load_checkpoint(accelerator, ckpt, ema, cfg, latent)
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     elif accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,23 +186,22 @@ def train(cfg: Config, resume: bool = False) -> Path:
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
                       f"{world} process(es) x {n} per micro-batch x {t.grad_accum_steps} accumulation")
     while step < t.max_steps:
-        if module.phase != module.phase_at(step):  # ERW's transition: fresh optimizer, EMA from the warm weights
-            module.aligners[module.warm].end_warmup(torch.Generator().manual_seed(t.seed))  # same on every process
+        if module.phase != module.phase_at(step):  # end of a warmup phase: fresh optimizer, EMA from the warm weights
+            module.end_warmup(torch.Generator().manual_seed(t.seed))  # same on every process
             trainee, optimizer = prepare_step(accelerator, trainee, module.phase_at(step), step, cfg)
-            ema.reset(model)  # (spec 3.2)
+            ema.reset(model)  # as ERW's reference (LINs-lab/ERW train.py) restarts it
             accelerator.print(f"step {step}: warmup done, training the whole model")
         elif module.active != module.active_at(step):  # an aligner reached its stop_step: stop computing it
             stopped = sorted(set(module.active) - set(module.active_at(step)))
             trainee, optimizer = prepare_step(accelerator, trainee, module.phase, step, cfg, optimizer)
             accelerator.print(f"step {step}: {stopped} switched off")
-        step_random = step_draws(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
+        step_random = StepDraws.draw(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
-            draws = micro_slice(step_random, micro, rank, world, n)
+            draws = step_random.micro(micro, rank, world, n)
             with accelerator.accumulate(trainee):
-                x0, pixels = to_model_inputs(batch, latent, draws.pop("posterior"), draws.pop("flip", None), device)
-                y = batch["label"].to(device, non_blocking=True)
-                per_sample, terms = trainee(x0, y, step, draws, pixels=pixels, target_feats=batch.get("feats"))
+                x0, cond, pixels = model_inputs(batch, latent, conditioning, draws, device)
+                per_sample, terms = trainee(x0, cond, step, draws, pixels=pixels, target_feats=batch.get("feats"))
                 loss = per_sample.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
@@ -241,9 +227,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
                     f"train.mixed_precision=bf16, then resume from that checkpoint.")
-            if warm_cost is not None:  # warmup steps count at their cost (spec 3.6)
-                warmup_steps = module.aligners[module.warm].warmup_steps
-                logs["full_step_equivalents"] = min(step, warmup_steps) * warm_cost + max(step - warmup_steps, 0)
+            logs.update(module.step_logs(step))
             if cfg.log.tracker != "none":
                 accelerator.log(logs, step=step)
             if accelerator.is_main_process:
@@ -252,7 +236,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if must_save:
             last_ckpt = save_checkpoint(accelerator, run_dir, step, ema,
                                         {"data_position": sampler.position(step), "phase": module.phase}, cfg,
-                                        keep=t.keep_checkpoints)
+                                        latent, keep=t.keep_checkpoints)
         warming = module.phase == "warmup"  # no output layer trained yet: nothing to sample
         if fid_suite is not None and not warming and (step % cfg.log.fid_every_steps == 0 or step == t.max_steps):
             fid = track_fid(fid_suite, ema, objective, latent, cfg, world, rank, device)

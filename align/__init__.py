@@ -1,18 +1,18 @@
-"""Representation-alignment plug-ins (REPA, SRA, ERW): the ALIGNERS registry and frozen target encoders."""
+"""Representation-alignment plug-ins (REPA, SRA, ERW): the ALIGNERS registry and frozen target encoders.
+
+The contract they implement (gen.aligner.Aligner) and the step that runs them (gen.step) live in gen; a new aligner
+is one module here (an Aligner subclass with its Config dataclass) plus one line below.
+"""
 from __future__ import annotations
 
-from align.base import SCHEDULES, AlignBatch, Aligner, WeightSchedule
 from align.encoders import ENCODERS, FrozenEncoder, build_encoder
 from align.erw import ERW
 from align.repa import REPA
 from align.sra import SRA
+from gen.aligner import SCHEDULES, AlignBatch, Aligner, WeightSchedule
 
-# Keys are what `align.methods` takes (DESIGN.md 3.4).
-ALIGNERS: dict[str, type[Aligner]] = {
-    "repa": REPA,
-    "sra": SRA,
-    "erw": ERW,
-}
+ALIGNERS: dict[str, type[Aligner]] = {cls.KEY: cls for cls in (REPA, SRA, ERW)}
+"""Aligners by the key align.methods lists (config section align.<key>)."""
 
 __all__ = [
     "ALIGNERS",

@@ -1,4 +1,5 @@
-"""Frozen target encoders (spec 1.3): timm networks, REPA's preprocessing, patch tokens on the backbone's grid.
+"""Frozen target encoders (REPA utils.py `load_encoders`, train.py `preprocess_raw_image`): timm networks, REPA's
+preprocessing, patch tokens on the backbone's grid.
 
 Every entry is built with `pretrained=False` and loaded from a local file, so nothing downloads at run
 time; the file may be the published original (DINOv2 torch.hub `.pth`, OpenAI CLIP `.pt`, MAE `.pth`,
@@ -21,6 +22,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
+
+from gen.io import load_state
 
 # Files looked for in a weights folder (a timm / HF snapshot), in this order.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -122,7 +125,7 @@ class FrozenEncoder:
     def _resize(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) == self.input_size:
             return x
-        # REPA: torch bicubic, no antialias (spec 1.3).
+        # REPA: torch bicubic, no antialias (REPA train.py `preprocess_raw_image`).
         return F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=False)
 
     def preprocess(self, pixels: Tensor) -> Tensor:
@@ -193,10 +196,7 @@ def read_state(path: Path) -> dict:
         return load_file(str(path))
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(str(path), map_location="cpu").state_dict()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return load_state(path, "encoder weights, config key align.encoder_weights")
 
 
 def _tensors(state: dict, prefix: str = "") -> dict[str, Tensor]:

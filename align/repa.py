@@ -1,82 +1,93 @@
-"""REPA (Yu et al. 2024, spec section 1): align the student's tokens after block `depth` to frozen encoders.
+"""REPA (Yu et al. 2024, arXiv 2410.06940; REPA loss.py, train.py): align the student's tokens after block `depth`
+to frozen encoders.
 
 Per encoder k a token-wise projector P_k maps the student's tokens h (N, T, D) to the encoder width; the
 per-sample loss is the mean over encoders of -(1/T) sum_i cos(P_k(h)_i, z_k,i), cosine over channels,
-in [-1, 1] (spec 1.1 step 5). Targets come from the feature cache when it holds them, else from the
+in [-1, 1] (REPA loss.py, proj_loss). Targets come from the feature cache when it holds them, else from the
 encoders on the clean uint8 images. The projectors are training-only: the backbone has none.
 """
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.base import AlignBatch, Aligner, WeightSchedule
 from align.encoders import ENCODERS, FrozenEncoder, build_encoder
-from gen.config import check
-from gen.models.dit import FAMILIES, SIZES
+from gen.aligner import AlignBatch, Aligner, WeightSchedule
+from gen.config import ComponentConfig, check
+from gen.models import family_of, model_size, require_grid
 
-# Aligned block per model size (spec 1.2): B 4 (paper Table 7), L and XL 8 (README default). S is not
-# reported (the reference cannot build SiT-S with REPA): 4, as B, which has the same 12 blocks. DiT-XL/2 +
-# REPA's depth is not stated by the paper: 8 assumed, as SiT-XL.
+# Aligned block per model size: B 4 (REPA paper, Table 7), L and XL 8 (REPA README). S is not reported (the reference
+# cannot build SiT-S with REPA): 4, as B, which has the same 12 blocks. DiT-XL/2 + REPA's depth is not stated by the
+# paper: 8 assumed, as SiT-XL.
 DEFAULT_DEPTH: dict[str, int] = {"S": 4, "B": 4, "L": 8, "XL": 8}
 
-# Registered backbone name -> size key, from the tables gen.models.MODELS is built from.
-MODEL_SIZES: dict[str, str] = {
-    f"{family}-{size}/{p}": size for family, spec in FAMILIES.items() for size in SIZES for p in spec["patches"]
-}
+
+def size_default(table: dict, model_name: str, key: str):
+    """A per-size default for a registered backbone, or a ConfigError asking to set `key`."""
+    size = model_size(model_name)
+    check(size in table, key, f"no default for model {model_name!r}: set it")
+    return table[size]
 
 
-def default_depth(model_name: str) -> int:
-    """REPA's alignment depth for a registered backbone (spec 1.2)."""
-    if model_name not in MODEL_SIZES:
-        raise KeyError(f"no default REPA depth for model {model_name!r}: set align.repa_depth")
-    return DEFAULT_DEPTH[MODEL_SIZES[model_name]]
+def check_encoders(encoders: list[str], projector_dim: int, section: str) -> None:
+    """`align.<section>.encoders`: a non-empty list of distinct registered encoders, and a positive projector width."""
+    bad = [k for k in encoders if k not in ENCODERS]
+    check(bool(encoders) and not bad and len(set(encoders)) == len(encoders), f"align.{section}.encoders",
+          f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {encoders}")
+    check(projector_dim > 0, f"align.{section}.projector_dim", "must be positive")
 
 
-def config_blocks(cfg) -> int | None:
-    """The number of blocks the configured backbone will have (None for an unregistered name)."""
-    size = MODEL_SIZES.get(cfg.model.name)
-    return cfg.model.depth or (SIZES[size]["depth"] if size else None)
+def check_layer(cfg, key: str, layer: int | None, default: dict) -> int:
+    """A 1-based block (`layer`, or its per-size default from `default`) within the configured backbone."""
+    layer = layer if layer is not None else size_default(default, cfg.model.name, key)
+    blocks = family_of(cfg.model.name).config_blocks(cfg)
+    check(1 <= layer <= blocks, key, f"{layer} must lie in 1..{blocks} (the model's blocks)")
+    return layer
 
 
-def check_encoders(cfg) -> None:
-    """`align.repa_encoders` (shared by REPA and ERW): a non-empty list of distinct registered encoders."""
-    names = cfg.align.repa_encoders
-    bad = [k for k in names if k not in ENCODERS]
-    check(bool(names) and not bad and len(set(names)) == len(names), "align.repa_encoders",
-          f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {names}")
-    check(cfg.align.repa_projector_dim > 0, "align.repa_projector_dim", "must be positive")
-
-
-def check_layer(cfg, key: str, layer: int | None, default) -> None:
-    """`align.<key>` (a 1-based block) or its size default (`default(model_name)`) lies within the backbone."""
-    check(layer is not None or cfg.model.name in MODEL_SIZES, f"align.{key}",
-          f"no default for model {cfg.model.name!r}: set it")
-    blocks = config_blocks(cfg)
-    layer = layer if layer is not None else default(cfg.model.name)
-    check(layer >= 1 and (blocks is None or layer <= blocks), f"align.{key}",
-          f"{layer} must lie in 1..{blocks} (the model's blocks)")
-
-
-def build_targets(cfg, model: nn.Module, cached_targets: Collection[str] = ()) -> tuple[dict, dict[str, int]]:
-    """`align.repa_encoders` for `model`'s token grid: the frozen encoders to run (those not in the cache) and
-    every target's width. `cached_targets` names the cached encoders, or maps them to their cached (T, d), which
-    must then be one token per backbone token at the encoder's width."""
-    a = cfg.align
+def build_targets(cfg, names: list[str], model: nn.Module, cached_targets: Collection[str] = (),
+                  who: str = "REPA") -> tuple[dict, dict[str, int]]:
+    """Encoders `names` for `model`'s token grid: the frozen encoders to run (those not in the cache) and every
+    target's width. `cached_targets` names the cached encoders, or maps them to their cached (T, d), which must then
+    be one token per backbone token at the encoder's width."""
+    grid = require_grid(model, who)
     if isinstance(cached_targets, Mapping):
-        tokens = model.grid[0] * model.grid[1]
+        tokens = grid[0] * grid[1]
         wrong = {name: tuple(shape) for name, shape in cached_targets.items()
-                 if name in a.repa_encoders and tuple(shape) != (tokens, ENCODERS[name].dim)}
+                 if name in names and tuple(shape) != (tokens, ENCODERS[name].dim)}
         check(not wrong, "data.path", f"the cached encoder features {wrong} (tokens, width) do not fit this "
               f"backbone's {tokens} tokens; re-run prepare.py with this run's model.name and data.image_size")
-    encoders = {
-        name: build_encoder(name, a.encoder_weights.get(name), cfg.data.image_size, model.grid)
-        for name in a.repa_encoders if name not in cached_targets
-    }
-    return encoders, {name: encoders[name].dim if name in encoders else ENCODERS[name].dim for name in a.repa_encoders}
+    encoders = {name: build_encoder(name, cfg.align.encoder_weights.get(name), cfg.data.image_size, grid)
+                for name in names if name not in cached_targets}
+    return encoders, {name: encoders[name].dim if name in encoders else ENCODERS[name].dim for name in names}
+
+
+@dataclass
+class REPAConfig(ComponentConfig):
+    """REPA: projected student tokens after one block aligned to frozen encoders' patch tokens."""
+
+    encoders: List[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    """Target encoders (align.encoders.ENCODERS keys), one projector each, losses averaged."""
+    depth: Optional[int] = None
+    """Student block aligned (1-based, output after k blocks); null: size default S 4, B 4, L 8, XL 8."""
+    projector_dim: int = 2048
+    """Hidden width of the projector MLP D -> dim -> dim -> encoder width."""
+    coeff: float = 0.5
+    """Loss weight lambda (paper 0.5)."""
+    stop_step: Optional[int] = None
+    """Weight 0 from this optimizer step on (early stop of the alignment); null keeps it on."""
+
+    def validate(self, cfg) -> None:
+        """Encoders, block, weight and stop step (REPA paper, Sec. 4 and Table 7)."""
+        check_encoders(self.encoders, self.projector_dim, "repa")
+        check_layer(cfg, "align.repa.depth", self.depth, DEFAULT_DEPTH)
+        check(self.coeff >= 0, "align.repa.coeff", "must be >= 0")
+        check(self.stop_step is None or self.stop_step > 0, "align.repa.stop_step", "null or a positive step")
 
 
 def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
@@ -111,9 +122,12 @@ def negative_cosine(pred: Tensor, target: Tensor) -> Tensor:
 class REPA(Aligner):
     """REPA: one projector per target encoder on the tokens after block `depth`; losses averaged over encoders."""
 
+    KEY = "repa"
+    Config = REPAConfig
+
     def __init__(self, hidden_size: int, target_dims: Mapping[str, int], depth: int, *, projector_dim: int = 2048,
                  schedule: WeightSchedule | None = None, encoders: Mapping[str, FrozenEncoder] | None = None):
-        super().__init__(schedule or WeightSchedule(0.5))  # lambda = 0.5 (spec 1.1 step 6)
+        super().__init__(schedule or WeightSchedule(0.5))  # lambda = 0.5 (REPA README / train.py --proj-coeff)
         if not target_dims:
             raise ValueError("REPA needs at least one target encoder")
         if depth < 1:
@@ -130,6 +144,10 @@ class REPA(Aligner):
     def needs_pixels(self) -> bool:
         """Whether some targets are computed online from `batch.pixels` (else all come from the cache)."""
         return bool(self.encoders)
+
+    def target_encoders(self) -> tuple[str, ...]:
+        """The encoders whose patch tokens it aligns to."""
+        return self.names
 
     def targets(self, name: str, batch: AlignBatch, device: torch.device) -> Tensor:
         """Encoder `name`'s tokens (N, T, d) for the batch: cached when present, else computed on the clean images."""
@@ -159,7 +177,8 @@ class REPA(Aligner):
             z_hat = projector(h)  # (N, T, d)
             if z.shape != z_hat.shape:
                 raise ValueError(f"REPA target {name!r} has shape {tuple(z.shape)}, the projected student tokens "
-                                 f"{tuple(z_hat.shape)}: encoder grid and backbone grid must match (spec 1.3)")
+                                 f"{tuple(z_hat.shape)}: encoder grid and backbone grid must match (REPA utils.py "
+                                 f"load_encoders resamples the encoder's pos_embed to it)")
             loss = loss_fn(z_hat, z)  # (N,)
             losses.append(loss)
             cosine = -loss if loss_fn is negative_cosine else -negative_cosine(z_hat.detach(), z)
@@ -180,24 +199,13 @@ class REPA(Aligner):
         self.load_state_dict(dict(state), strict=True)
 
     @classmethod
-    def validate_config(cls, cfg) -> None:
-        """The repa_* keys (spec section 1)."""
-        a = cfg.align
-        check_encoders(cfg)
-        check_layer(cfg, "repa_depth", a.repa_depth, default_depth)
-        check(a.repa_coeff >= 0, "align.repa_coeff", "must be >= 0")
-        check(a.repa_stop_step is None or a.repa_stop_step > 0, "align.repa_stop_step", "null or a positive step")
-
-    @classmethod
-    def from_config(cls, cfg, model: nn.Module, *, cached_targets: Collection[str] = ()) -> REPA:
-        """Build from `cfg.align` (repa_* keys) for the student `model`; cached encoders are not loaded."""
-        a = cfg.align
-        depth = a.repa_depth if a.repa_depth is not None else default_depth(cfg.model.name)
-        if depth > model.depth:
-            raise ValueError(f"config key 'align.repa_depth': {depth} exceeds the model's {model.depth} blocks")
-        encoders, dims = build_targets(cfg, model, cached_targets)
-        schedule = WeightSchedule(a.repa_coeff, stop_step=a.repa_stop_step)
-        return cls(model.hidden_size, dims, depth, projector_dim=a.repa_projector_dim, schedule=schedule,
+    def from_config(cls, cfg, model: nn.Module, objective, *, cached_targets: Collection[str] = ()) -> REPA:
+        """Build from cfg.align.repa for the student `model`; cached encoders are not loaded."""
+        a = cfg.align.repa
+        depth = check_layer(cfg, "align.repa.depth", a.depth, DEFAULT_DEPTH)
+        encoders, dims = build_targets(cfg, a.encoders, model, cached_targets)
+        schedule = WeightSchedule(a.coeff, stop_step=a.stop_step)
+        return cls(model.token_width(depth), dims, depth, projector_dim=a.projector_dim, schedule=schedule,
                    encoders=encoders)
 
     def extra_repr(self) -> str:

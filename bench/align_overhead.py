@@ -5,8 +5,8 @@
     python bench/align_overhead.py configs/sit_xl2_erw.yaml --batch 32                    # ERW's two phases
 
 Rows: the plain step (denoising loss only); each aligner of `align.methods` with cached targets (its heads,
-loss and backward through the tapped blocks; ERW also its warmup step); and, for aligners with frozen encoders, the encoders' forward on
-the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost of computing the
+loss and backward through the tapped blocks; ERW also its warmup step); and, for aligners with frozen encoders, the
+encoders' forward on the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost of computing the
 targets online instead of caching them with prepare.py. Latents, labels and images are synthetic.
 """
 from __future__ import annotations
@@ -19,10 +19,12 @@ import torch
 
 from align import ALIGNERS, ENCODERS
 from align.encoders import FrozenEncoder, create_encoder_model
-from align.trainee import Trainee
-from gen.config import load_config
+from gen.cond import Cond
+from gen.config import component_config, load_config
 from gen.ema import EMA
-from gen.factory import build_backbone, build_objective
+from gen.models import build_backbone
+from gen.objectives import build_objective
+from gen.step import StepDraws, Trainee
 from latents import build_latent
 
 
@@ -67,31 +69,36 @@ def main() -> None:
     objective = build_objective(cfg, model)
     n = args.batch
     x0 = torch.randn(n, *latent.shape, device=device)
-    y = torch.randint(0, cfg.model.num_classes, (n,), device=device)
+    y = Cond(torch.randint(0, cfg.cond.num_classes, (n,), device=device))
+    draws = StepDraws(objective={}, latent={}, uniform=torch.rand(n, device=device))  # the rest: torch's global RNG
     pixels = torch.randint(0, 256, (n, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, device=device)
-    encoder_names = [e for e in cfg.align.repa_encoders if e in ENCODERS]
-    cached = {e: torch.randn(n, model.grid[0] * model.grid[1], ENCODERS[e].dim, device=device) for e in encoder_names}
+    # The target encoders of the listed aligners that have some (REPA, ERW), each once.
+    encoder_names = list(dict.fromkeys(e for m in cfg.align.methods
+                                       for e in getattr(component_config(cfg, "align", m), "encoders", ())
+                                       if e in ENCODERS))
+    grid = model.token_grid
+    cached = {e: torch.randn(n, grid[0] * grid[1], ENCODERS[e].dim, device=device) for e in encoder_names}
 
     def step_fn(trainee, phase="full"):
         def step():
             trainee.set_phase(phase)  # trainees share the model: each sets what its phase trains
             trainee.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss, _ = trainee(x0, y, 0, {}, pixels=None, target_feats=cached)
+                loss, _ = trainee(x0, y, 0, draws, pixels=None, target_feats=cached)
             loss.mean().backward()
         return step
 
     teacher = EMA(model, cfg.train.ema_decay).model  # what train.py hands SRA: the EMA copy, no second one
     runs = {"plain": step_fn(Trainee(model, objective))}
     for method in cfg.align.methods:
-        aligner = ALIGNERS[method].from_config(cfg, model, cached_targets=encoder_names).to(device)
+        aligner = ALIGNERS[method].from_config(cfg, model, objective, cached_targets=encoder_names).to(device)
         trainee = Trainee(model, objective, {method: aligner}, teacher=teacher)
         if trainee.warm is not None:  # ERW's phase 1: blocks 1..K and the projector, on clean latents
             runs[f"+{method} warmup step (cached targets)"] = step_fn(trainee, "warmup")
         runs[f"+{method} (cached targets)"] = step_fn(trainee)
-    for name in encoder_names if {"repa", "erw"} & set(cfg.align.methods) else ():
+    for name in encoder_names:
         spec = ENCODERS[name]
-        encoder = FrozenEncoder(name, spec, create_encoder_model(spec, model.grid), cfg.data.image_size, model.grid)
+        encoder = FrozenEncoder(name, spec, create_encoder_model(spec, grid), cfg.data.image_size, grid)
         encoder.to(device)
 
         def encode(encoder=encoder):

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from gen.config import load_config
 from gen.data import DistributedBatchSampler, build_dataset
 from gen.ema import EMA
-from gen.factory import build_backbone, build_objective
+from gen.models import build_backbone
+from gen.objectives import build_objective
 from latents import build_latent
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema")
@@ -30,7 +31,7 @@ def batches(cfg, latent, batch: int, synthetic: bool, device):
     if synthetic:
         while True:
             yield (torch.randn(batch, *latent.shape, device=device),
-                   torch.randint(0, cfg.model.num_classes, (batch,), device=device))
+                   torch.randint(0, cfg.cond.num_classes, (batch,), device=device))
     dataset = build_dataset(cfg)
     sampler = DistributedBatchSampler(len(dataset), batch, 1, 0, seed=cfg.train.seed)
     for item in DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers):

@@ -2,7 +2,8 @@
 
 Layout of `RUN_DIR/checkpoints/step-00050000/`: Accelerate's `save_state` files (model.safetensors,
 optimizer, GradScaler, every process's RNG states), `ema.safetensors` (also what sample.py reads),
-`train_state.json` (step, data position) and `config.yaml`. A checkpoint is written into a hidden
+`train_state.json` (step, data position), `latent_state.pt` (the latent space's normalisation statistics) and
+`config.yaml`. A checkpoint is written into a hidden
 temporary folder and renamed when complete, so a crash never leaves a half checkpoint that looks valid.
 """
 from __future__ import annotations
@@ -12,16 +13,18 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from gen.config import Config, load_config, save_config
+from gen.io import flatten, load_state
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
 # Keys that must agree between a checkpoint and the config that resumes it (others, e.g. max_steps, may change).
-RESUME_KEYS = ("model", "objective", "latent", "data.name", "data.image_size", "train.global_batch_size",
+RESUME_KEYS = ("model", "cond", "objective", "latent", "data.name", "data.image_size", "train.global_batch_size",
                "train.grad_accum_steps", "train.seed")
 
 
@@ -51,7 +54,11 @@ def read_train_state(path: str | Path) -> dict:
     return json.loads(state.read_text())
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_state: dict, cfg: Config,
+LATENT_STATE = "latent_state.pt"
+"""The latent space's state_dict (normalisation statistics) inside a checkpoint."""
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_state: dict, cfg: Config, latent,
                     keep: int = 0) -> Path:
     """Write the checkpoint of `step` atomically (all processes call this); returns its folder."""
     root = Path(run_dir) / "checkpoints"
@@ -67,6 +74,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_stat
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
                   str(tmp / "ema.safetensors"))
         (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
+        torch.save(latent.state_dict(), tmp / LATENT_STATE)
         save_config(cfg, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -80,25 +88,20 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_stat
     return final
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def config_differences(saved: Config, current: Config, keys=RESUME_KEYS) -> list[str]:
     """The dotted keys under `keys` whose values differ, formatted 'key: saved -> current'."""
-    a = _flatten(OmegaConf.to_container(OmegaConf.structured(saved)))
-    b = _flatten(OmegaConf.to_container(OmegaConf.structured(current)))
+    a = flatten(OmegaConf.to_container(OmegaConf.structured(saved)))
+    b = flatten(OmegaConf.to_container(OmegaConf.structured(current)))
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
             if any(k == key or k.startswith(key + ".") for key in keys) and a[k] != b.get(k)]
 
 
-def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config) -> dict:
+def load_latent_state(path: str | Path, latent) -> None:
+    """Restore the latent space's state from a checkpoint folder (its normalisation statistics)."""
+    latent.load_state_dict(load_state(Path(path) / LATENT_STATE, "the latent space's state in a checkpoint"))
+
+
+def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config, latent) -> dict:
     """Restore a checkpoint written by `save_checkpoint` after checking it belongs to this config."""
     path = Path(path)
     train_state = read_train_state(path)
@@ -108,6 +111,7 @@ def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config) -> dict:
             f"checkpoint {path} was written by another config ({'; '.join(diffs)}); resume with the run's own "
             f"config ({path / 'config.yaml'}) or choose a new train.run_dir")
     accelerator.load_state(str(path))
+    load_latent_state(path, latent)
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device)))
     return train_state
 

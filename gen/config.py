@@ -1,14 +1,18 @@
 """Typed configuration: the single source of defaults for every job.
 
-A run's config is `Config()` overridden by a YAML file (`configs/*.yaml`) and then by dotted
-`key=value` arguments (`train.lr=2e-4 model.name=SiT-B/2`), through OmegaConf structured configs.
-Every field carries a one-line docstring (the string under it); `describe()` prints them for `--help`.
+A run's config is the composed schema (`schema()`: the run-level sections below plus one sub-section per
+registered backbone family, objective, latent space and aligner, each a small dataclass next to its component)
+overridden by a YAML file (`configs/*.yaml`, with `base:` includes) and then by dotted `key=value` arguments
+(`train.lr=2e-4 align.repa.depth=8`), through OmegaConf structured configs. Every field carries a one-line
+docstring (the string under it); `describe()` prints them for `--help-config`. This module imports no registry
+at import time: the registries are imported when the schema is first composed.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import difflib
+import importlib
 import inspect
 import textwrap
 from dataclasses import dataclass, field
@@ -25,44 +29,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The backbone."""
+    """The backbone: a registered model name; each backbone family's own keys sit under model.<family>."""
 
     name: str = "SiT-XL/2"
-    """Registry key in gen.models.MODELS: SiT-{S,B,L,XL}/{1,2,4,8} or DiT-{S,B,L,XL}/{2,4,8}."""
+    """Registry key in gen.models.MODELS, e.g. SiT-{S,B,L,XL}/{1,2,4,8} or DiT-{S,B,L,XL}/{2,4,8}."""
+
+
+@dataclass
+class CondConfig:
+    """What the model is conditioned on (gen.cond): class labels, with a null label for guidance."""
+
     num_classes: int = 1000
     """Number of classes; label `num_classes` is the null (unconditional) class."""
-    learn_sigma: Optional[bool] = None
-    """Predict a variance too (2x output channels); null keeps the family default (DiT yes, SiT no)."""
-    qk_norm: bool = False
-    """Per-head LayerNorm on queries and keys (REPA's --qk-norm)."""
-    rope: bool = False
-    """2-D rotary position embedding on q/k in every attention (LightningDiT/ERW style); off: DiT/SiT as published."""
-    depth: Optional[int] = None
-    """Number of blocks; null keeps the size table's value."""
-    hidden_size: Optional[int] = None
-    """Token width D; null keeps the size table's value."""
-    num_heads: Optional[int] = None
-    """Attention heads; null keeps the size table's value."""
+    label_dropout: float = 0.1
+    """Probability of replacing a sample's condition by the null one (classifier-free guidance training)."""
 
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective (gen.objectives.OBJECTIVES)."""
+    """The training objective (gen.objectives.OBJECTIVES); each objective's own keys sit under objective.<name>."""
 
     name: str = "flow"
-    """Objective registry key: flow (SiT/REPA interpolants) or ddpm (DiT's diffusion)."""
-    path: str = "linear"
-    """Flow interpolant: linear, cosine or vp (t = 0 data, t = 1 noise)."""
-    prediction: str = "velocity"
-    """Flow network target: velocity, noise or score."""
-    weighting: str = "none"
-    """Loss weighting for noise/score predictions: none, velocity or likelihood."""
-    time_sampler: str = "uniform"
-    """Training time distribution for flow: uniform or lognormal."""
-    label_dropout: float = 0.1
-    """Probability of replacing a label by the null class (classifier-free guidance training)."""
-    num_timesteps: int = 1000
-    """DDPM: length of the diffusion chain (linear betas 1e-4..0.02)."""
+    """Objective registry key, e.g. flow (SiT/REPA interpolants) or ddpm (DiT's diffusion)."""
 
 
 @dataclass
@@ -86,9 +74,19 @@ class DataConfig:
     """The training data."""
 
     name: str = "latent_cache"
-    """Dataset registry key: digits (embedded, offline), image_folder or latent_cache (from prepare.py)."""
+    """Dataset registry key: digits (embedded, offline), image_folder, hf (Hugging Face datasets, offline) or
+    latent_cache (from prepare.py)."""
     path: Optional[str] = None
-    """Folder of class sub-folders (image_folder), or the cache folder written by prepare.py (latent_cache)."""
+    """Folder of class sub-folders (image_folder), the cache folder written by prepare.py (latent_cache), or for hf a
+    save_to_disk folder, a .parquet/.arrow file or folder of them, or a dataset name in the local HF cache."""
+    split: str = "train"
+    """hf: the split to read (a DatasetDict folder, split-named data files, a cached dataset); one file is 'train'."""
+    image_column: str = "image"
+    """hf: column of the images (datasets Image feature, {bytes, path} dicts or uint8 HxW(xC) arrays)."""
+    label_column: Optional[str] = "label"
+    """hf: column of the integer (or ClassLabel) class labels, in [0, cond.num_classes); null: every label 0."""
+    extra_columns: List[str] = field(default_factory=list)
+    """hf: further columns passed through into each item under their own names (for other modalities)."""
     image_size: int = 256
     """Side of the square training images: ADM center-crop size, or the digits' upsampled size."""
     hflip: bool = False
@@ -101,14 +99,10 @@ class DataConfig:
 
 @dataclass
 class LatentConfig:
-    """The space the model runs in (latents.LATENTS)."""
+    """The space the model runs in (latents.LATENTS); each space's own keys sit under latent.<name> (- as _)."""
 
     name: str = "sd-vae"
-    """Latent registry key: pixel or sd-vae."""
-    vae_path: Optional[str] = None
-    """sd-vae: local diffusers folder of AutoencoderKL, or a repo id already in the local HF cache."""
-    scale: float = 0.18215
-    """sd-vae: latent scale factor applied to posterior samples (SD's 0.18215, one for all channels)."""
+    """Latent registry key, e.g. pixel or sd-vae."""
 
 
 @dataclass
@@ -198,54 +192,13 @@ class SampleConfig:
 
 @dataclass
 class AlignConfig:
-    """Representation-alignment losses added to the denoising loss (align.ALIGNERS)."""
+    """Representation-alignment losses added to the denoising loss (align.ALIGNERS); each method's own keys sit
+    under align.<method>."""
 
     methods: List[str] = field(default_factory=list)
     """Aligners to train with, keys of align.ALIGNERS (e.g. [repa]); empty trains without alignment."""
     encoder_weights: Dict[str, str] = field(default_factory=dict)
     """Local weights per encoder name (file, timm/HF folder, or an HF repo id in the local cache); unlisted: caches."""
-    repa_encoders: List[str] = field(default_factory=lambda: ["dinov2-vit-b"])
-    """REPA (and ERW) target encoders (align.encoders.ENCODERS keys), one projector each, losses averaged."""
-    repa_depth: Optional[int] = None
-    """REPA: student block aligned (1-based, output after k blocks); null: size default S 4, B 4, L 8, XL 8."""
-    repa_projector_dim: int = 2048
-    """REPA and ERW: hidden width of the projector MLP D -> dim -> dim -> encoder width."""
-    repa_coeff: float = 0.5
-    """REPA: loss weight lambda (paper 0.5)."""
-    repa_stop_step: Optional[int] = None
-    """REPA: weight 0 from this optimizer step on (early stop of the alignment); null keeps it on."""
-    sra_student_layer: Optional[int] = None
-    """SRA: student block fed to the head (1-based); null: size default SiT S/B 3, L 6, XL 8, DiT-XL 8."""
-    sra_teacher_layer: Optional[int] = None
-    """SRA: EMA-teacher block aligned to (1-based, early exit there); null: SiT S/B 8, L 16, XL 20, DiT-XL 16."""
-    sra_t_max: float = 0.2
-    """SRA: teacher time t_s - u * t_max clamped, u ~ U(0, 1) (DDPM: times T, in steps); paper 0.2."""
-    sra_loss: str = "cosine"
-    """SRA: alignment loss, cosine (per-token 1 - cos, recommended) or smooth_l1 (beta 0.05, the paper's)."""
-    sra_coeff: float = 0.5
-    """SRA: loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
-    sra_stop_step: Optional[int] = None
-    """SRA: weight 0 from this optimizer step on; null keeps it on."""
-    erw_warmup_steps: int = 100_000
-    """ERW phase 1: steps training only the embedders, blocks 1..erw_warm_depth and the projector on clean latents
-    at t=0 (part of train.max_steps: the paper's XL run is 100K warmup + 200K full = 300K)."""
-    erw_warm_depth: int = 4
-    """ERW phase 1: blocks warmed; the projector reads block K (reference code default 4, paper's best 5)."""
-    erw_warmup_coeff: float = 0.5
-    """ERW phase 1: weight of the warmup loss (to align.repa_encoders' patch tokens)."""
-    erw_warmup_loss: str = "cosine"
-    """ERW phase 1: cosine (per-token negative cosine, the reference code) or nt_xent (token InfoNCE, in-batch
-    negatives; the paper names it without a definition)."""
-    erw_temperature: float = 0.1
-    """ERW phase 1, nt_xent: softmax temperature (not given by the paper: a guess to tune)."""
-    erw_depth: Optional[int] = None
-    """ERW phase 2: block REPA aligns (1-based); null: SiT/DiT-XL 14 (ERW README), other sizes REPA's default."""
-    erw_coeff: Optional[float] = None
-    """ERW phase 2: REPA weight c0 at the transition, lambda(k) = c0 * 2^(-(k - W) / H); null: XL 6, L 3, S/B 1."""
-    erw_half_life_steps: float = 50_000
-    """ERW phase 2: H, the steps over which the REPA weight halves (reference 50K)."""
-    erw_reuse_projector: bool = True
-    """ERW transition: phase 2 keeps the phase-1 projector (reference; it was trained on block K); false re-draws it."""
 
 
 @dataclass
@@ -284,10 +237,13 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """A whole run."""
+    """A whole run. The component sections (model, objective, latent, align) gain one sub-section per registered
+    component when the schema is composed (`schema()`); this class alone holds the run-level keys."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The backbone."""
+    cond: CondConfig = field(default_factory=CondConfig)
+    """The conditioning."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """The training objective."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -308,6 +264,72 @@ class Config:
     """Representation alignment (REPA, ...)."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Composition: every registered component contributes its own config dataclass as a sub-section.
+
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "model": ("gen.models", "FAMILIES"),
+    "objective": ("gen.objectives", "OBJECTIVES"),
+    "latent": ("latents", "LATENTS"),
+    "align": ("align", "ALIGNERS"),
+}
+"""Section -> (module, registry) whose entries each own a `Config` dataclass, composed into the section as
+`<section>.<key>` (a key's '-' becomes '_'). The modules are imported when a schema is first composed, never when
+this module is imported, so no registry imports gen.config in a circle."""
+
+
+def section_key(name: str) -> str:
+    """The sub-section a registry key's config sits under (`sd-vae` -> `sd_vae`)."""
+    return name.replace("-", "_").replace("/", "_")
+
+
+def registry(section: str) -> dict:
+    """The registry composing `section` (imported on demand)."""
+    module, attribute = COMPONENTS[section]
+    return getattr(importlib.import_module(module), attribute)
+
+
+_SCHEMA: dict[tuple, type] = {}
+
+
+def schema() -> type:
+    """The run config class: `Config` whose component sections hold one sub-section per registered component.
+
+    Composed from the registries as they are now (a component registered later, e.g. a test's toy aligner, is in
+    the next schema), and cached per set of registered components.
+    """
+    signature = tuple((section, tuple((key, component.Config) for key, component in registry(section).items()))
+                      for section in COMPONENTS)
+    if signature not in _SCHEMA:
+        fields = []
+        for f in dataclasses.fields(Config):
+            base = f.default_factory
+            if f.name in COMPONENTS:
+                parts = []
+                for key, component in registry(f.name).items():
+                    sub = component.Config
+                    parts.append((section_key(key), sub, field(default_factory=sub)))
+                base = _composed(f"{base.__name__}", base, parts)
+            fields.append((f.name, base, field(default_factory=base)))
+        _SCHEMA[signature] = _composed("Config", Config, fields)
+    return _SCHEMA[signature]
+
+
+def _composed(name: str, base: type, fields: list) -> type:
+    """A dataclass `name` extending `base` with `fields`, registered in this module so instances pickle."""
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,))
+    cls.__module__ = __name__
+    cls.__qualname__ = f"_composed_{name}"
+    cls.__doc__ = base.__doc__
+    globals()[cls.__qualname__] = cls
+    return cls
+
+
+def default_config() -> Config:
+    """Every key at its default."""
+    return schema()()
+
+
 def _valid_keys(node, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass."""
     keys = []
@@ -324,8 +346,8 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     """Turn an OmegaConf error into one message naming the dotted key, the source and the fix."""
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        close = difflib.get_close_matches(key, _valid_keys(Config()), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else "; run with --help for the valid keys"
+        close = difflib.get_close_matches(key, _valid_keys(default_config()), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else "; run with --help-config for the valid keys"
         return ConfigError(f"unknown config key '{key}' in {origin}{hint}")
     return ConfigError(f"bad value for config key '{key}' in {origin}: {str(err).splitlines()[0]}")
 
@@ -347,8 +369,8 @@ def _yaml_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple]:
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file (after its `base:` files) <- dotted `key=value` overrides, validated; a plain `Config`."""
-    conf = OmegaConf.structured(Config)
+    """Defaults <- YAML file (after its `base:` files) <- dotted `key=value` overrides, validated."""
+    conf = OmegaConf.structured(schema())
     layers = _yaml_layers(Path(yaml_path)) if yaml_path is not None else []
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -371,10 +393,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    from gen.io import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -383,18 +404,44 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks the types cannot express; registries are imported lazily to keep this module light."""
-    from gen.models import MODELS
-    from gen.objectives import OBJECTIVES
+def choose(section: str, name: str, key: str) -> type:
+    """The registered component `name` of `section`, or a ConfigError naming `key` and close names."""
+    entries = registry(section)
+    if name not in entries:
+        close = difflib.get_close_matches(name, entries, n=3)
+        raise ConfigError(f"config key '{key}': unknown {section} {name!r}; "
+                          + (f"did you mean {close}?" if close else f"one of {sorted(entries)}"))
+    return entries[name]
 
-    check(cfg.model.name in MODELS, "model.name",
-           f"unknown model {cfg.model.name!r}; close: {difflib.get_close_matches(cfg.model.name, MODELS, n=3)}")
-    check(cfg.objective.name in OBJECTIVES, "objective.name", f"one of {sorted(OBJECTIVES)}")
-    objective = OBJECTIVES[cfg.objective.name]
+
+def selected(cfg: Config) -> dict[str, type]:
+    """The components a run uses: backbone family, objective, latent space, by section (aligners excluded)."""
+    from gen.models import family_of
+
+    return {"model": family_of(cfg.model.name), "objective": choose("objective", cfg.objective.name, "objective.name"),
+            "latent": choose("latent", cfg.latent.name, "latent.name")}
+
+
+def component_config(cfg: Config, section: str, name: str):
+    """The sub-section of `section` that component `name` owns (e.g. cfg.align.repa)."""
+    return getattr(getattr(cfg, section), section_key(name))
+
+
+def validate(cfg: Config) -> None:
+    """Run-level checks here; every used component validates its own section (its Config's `validate`), and the
+    objective, latent space and backbone must fit together."""
+    parts = selected(cfg)
+    objective, latent, family = parts["objective"], parts["latent"], parts["model"]
+    check(latent.kind in objective.LATENT_KINDS, "objective.name",
+          f"objective {cfg.objective.name!r} runs on {'/'.join(objective.LATENT_KINDS)} latents, not on latent "
+          f"space {cfg.latent.name!r} ({latent.kind}); choose another objective.name or latent.name")
+    check(latent.layout in family.LAYOUTS, "model.name",
+          f"backbone {cfg.model.name!r} takes {'/'.join(family.LAYOUTS)} samples, not latent space "
+          f"{cfg.latent.name!r} ({latent.layout}); choose another model.name or latent.name")
     check(cfg.sampler.sampler in objective.SAMPLERS, "sampler.sampler",
-           f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
-    check(0.0 <= cfg.objective.label_dropout < 1.0, "objective.label_dropout", "must lie in [0, 1)")
+          f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
+    check(0.0 <= cfg.cond.label_dropout < 1.0, "cond.label_dropout", "must lie in [0, 1)")
+    check(cfg.cond.num_classes > 0, "cond.num_classes", "must be positive")
     lo_hi = cfg.sampler.cfg_interval
     check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
     t = cfg.train
@@ -404,70 +451,87 @@ def validate(cfg: Config) -> None:
     check(cfg.log.tracker in ("tensorboard", "wandb", "none"), "log.tracker", "one of tensorboard, wandb, none")
     check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
     check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",
-           "log.fid_every_steps needs reference statistics (an ADM .npz or a folder of images)")
+          "log.fid_every_steps needs reference statistics (an ADM .npz or a folder of images)")
     check(not (cfg.data.hflip and cfg.data.name == "latent_cache"), "data.hflip",
           "a latent cache holds the unflipped images' latents (and encoder features); flip with data.name=image_folder")
     check(cfg.sample.labels in ("random", "balanced"), "sample.labels", "random or balanced")
     check(cfg.sample.rounding in ("round", "floor"), "sample.rounding", "round or floor")
     _validate_eval(cfg.eval)
+    for section, name in (("model", family.KEY), ("objective", cfg.objective.name), ("latent", cfg.latent.name)):
+        component_config(cfg, section, name).validate(cfg)
     _validate_align(cfg)
 
 
 def _validate_eval(e: EvalConfig) -> None:
-    """The eval section; registries are imported lazily (no torch-fidelity or timm import here)."""
-    from gen.eval.dinov2 import DINOV2_ARCHS
-    from gen.eval.metrics import METRICS
-    from gen.eval.scores import PR_MODES
-
-    unknown = [m for m in e.metrics if m not in METRICS]
-    check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(METRICS)}")
-    check(e.pr_mode in PR_MODES, "eval.pr_mode", f"one of {', '.join(PR_MODES)}")
-    check(e.dinov2_arch in DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(DINOV2_ARCHS)}")
+    """The eval section; its registries are imported on demand (no torch-fidelity or timm import here)."""
+    metrics = importlib.import_module("gen.eval.metrics")
+    scores = importlib.import_module("gen.eval.scores")
+    dinov2 = importlib.import_module("gen.eval.dinov2")
+    unknown = [m for m in e.metrics if m not in metrics.METRICS]
+    check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(metrics.METRICS)}")
+    check(e.pr_mode in scores.PR_MODES, "eval.pr_mode", f"one of {', '.join(scores.PR_MODES)}")
+    check(e.dinov2_arch in dinov2.DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(dinov2.DINOV2_ARCHS)}")
     check(e.pr_k > 0 and e.pr_reference_size > e.pr_k, "eval.pr_k", "k > 0 and fewer than eval.pr_reference_size")
     check(e.is_split_size > 0 and e.batch_per_process > 0, "eval.batch_per_process", "sizes must be positive")
     check(e.image_size is None or e.image_size > 0, "eval.image_size", "a positive size or null")
 
 
 def _validate_align(cfg: Config) -> None:
-    """The align section: method names and encoder keys here, each method's own keys by its `validate_config`.
-
-    The align package (and timm) is imported only when alignment is configured.
-    """
+    """Method names and encoder keys here, each listed method's own section by its Config's `validate`."""
     a = cfg.align
     if not a.methods and not a.encoder_weights:
         return
-    from align import ALIGNERS, ENCODERS
-
-    unknown = [m for m in a.methods if m not in ALIGNERS]
+    aligners = registry("align")
+    encoders = importlib.import_module("align.encoders").ENCODERS
+    unknown = [m for m in a.methods if m not in aligners]
     check(not unknown and len(set(a.methods)) == len(a.methods), "align.methods",
-          f"distinct keys of {sorted(ALIGNERS)}, got {a.methods}")
-    check(not {"repa", "erw"} <= set(a.methods), "align.methods",
-          "erw already trains REPA (with a decaying weight) after its warmup: list repa or erw, not both")
-    bad = [k for k in a.encoder_weights if k not in ENCODERS]
-    check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(ENCODERS)}")
+          f"distinct keys of {sorted(aligners)}, got {a.methods}")
+    bad = [k for k in a.encoder_weights if k not in encoders]
+    check(not bad, "align.encoder_weights", f"unknown encoder(s) {bad}; one of {sorted(encoders)}")
     for method in a.methods:
-        ALIGNERS[method].validate_config(cfg)
+        exclusive = set(aligners[method].EXCLUDES) & set(a.methods)
+        check(not exclusive, "align.methods", f"{method} cannot train together with {sorted(exclusive)}; list one")
+        component_config(cfg, "align", method).validate(cfg)
+
+
+@dataclass
+class ComponentConfig:
+    """Base of every component's own config section: field docstrings like the run-level ones, and `validate`."""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section against the whole run config; raise ConfigError (use `check`) naming the key."""
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The attribute docstrings of a config dataclass (the string literal under each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
+    """The attribute docstrings of a config dataclass and its bases (the string literal under each field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ == __name__ and klass.__qualname__.startswith(
+                "_composed_"):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = nxt.value.value
     return docs
 
 
 def describe(cfg: Config | None = None) -> str:
-    """Every key with its current value and docstring, for `--help`."""
-    cfg = cfg or Config()
-    lines = []
-    for section in dataclasses.fields(Config):
-        node = getattr(cfg, section.name)
+    """Every key with its current value and docstring, for `--help-config`."""
+    cfg = cfg or default_config()
+    lines: list[str] = []
+
+    def walk(node, prefix: str, depth: int) -> None:
         docs = field_docs(type(node))
-        lines.append(f"{section.name}:  # {field_docs(Config)[section.name]}")
         for f in dataclasses.fields(node):
-            lines.append(f"  {section.name}.{f.name}={getattr(node, f.name)!r}  # {docs.get(f.name, '')}")
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                doc = docs.get(f.name) or (type(value).__doc__ or "").strip().splitlines()[0]
+                lines.append(f"{'  ' * depth}{prefix}{f.name}:  # {doc}")
+                walk(value, f"{prefix}{f.name}.", depth + 1)
+            else:
+                lines.append(f"{'  ' * depth}{prefix}{f.name}={value!r}  # {docs.get(f.name, '')}")
+
+    walk(cfg, "", 0)
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Datasets (embedded digits, image folders, latent caches from prepare.py) and the resumable batch sampler.
 
-Every item is a dict: {"image": uint8 (C, H, W)} or {"raw": float32 raw_shape}, plus "label" and "index"
+Every item is a dict: {"image": uint8 (C, H, W)} or {"raw": raw_shape of the raw dtype}, plus "label" and "index"
 (int64), so the default collate works and a batch always says which items it holds; items of a cache with
 encoder features (data.cache_features) also hold "feats": {encoder name: float32 (T, d)}.
 """
@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from gen.config import ConfigError
+from gen.hf_data import HFDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes an image folder is scanned for (case-insensitive; torchvision's list)."""
@@ -35,7 +36,7 @@ class DataError(ValueError):
 
 
 def shard_file(k: int) -> str:
-    """Name of cache shard k (float32 raw latents)."""
+    """Name of cache shard k (raw encodings)."""
     return f"shard-{k:05d}.npy"
 
 
@@ -217,13 +218,15 @@ def read_meta(path: str | Path) -> dict:
 
 
 class LatentCacheDataset(Dataset):
-    """Raw latents from prepare.py: fixed-size float32 .npy shards, memory-mapped, plus int64 labels and, when
-    prepare.py was asked for them (meta.json "features"), frozen-encoder features in float16 shards."""
+    """Raw encodings from prepare.py: fixed-size .npy shards of the latent space's raw dtype (meta.json "raw_dtype":
+    float32 moments, uint8 bits, int64 ids), memory-mapped, plus int64 labels and, when prepare.py was asked for
+    them (meta.json "features"), frozen-encoder features in float16 shards."""
 
     def __init__(self, path: str | Path, expected_raw_shape: tuple[int, ...] | None = None):
         self.path = Path(path)
         self.meta = meta = read_meta(self.path)
         self.raw_shape = tuple(meta["raw_shape"])
+        self.raw_dtype = np.dtype(meta.get("raw_dtype", "float32"))
         fix = "re-run prepare.py with this run's latent.* and data.image_size into a new --out folder"
         if expected_raw_shape is not None and tuple(expected_raw_shape) != self.raw_shape:
             raise DataError(f"latent cache {self.path / META} holds raw latents of shape {self.raw_shape} (latent "
@@ -240,7 +243,7 @@ class LatentCacheDataset(Dataset):
         labels = []
         for k in range(math.ceil(self.count / self.shard_size)):
             n = min(self.shard_size, self.count - k * self.shard_size)
-            self._check(shard_file(k), (n, *self.raw_shape), np.float32, fix)
+            self._check(shard_file(k), (n, *self.raw_shape), self.raw_dtype, fix)
             labels.append(np.asarray(self._check(labels_file(k), (n,), np.int64, fix)))
             for name, f in features.items():
                 self._check(features_file(name, k), (n, *f["shape"]), np.dtype(f["dtype"]), feature_fix)
@@ -305,7 +308,8 @@ class LatentCacheDataset(Dataset):
         return item
 
 
-DATASETS = {"digits": DigitsDataset, "image_folder": ImageFolderDataset, "latent_cache": LatentCacheDataset}
+DATASETS = {"digits": DigitsDataset, "image_folder": ImageFolderDataset, "latent_cache": LatentCacheDataset,
+            "hf": HFDataset}
 """Datasets by the name `data.name` takes."""
 
 

@@ -10,14 +10,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from gen.io import atomic_write, to_rgb
+
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid, `nrow` images per row (default: square)."""
     images = images.detach().cpu()
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
+    images = to_rgb(images)
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -30,12 +31,8 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarr
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write a PNG grid of uint8 images atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(make_grid(images, nrow)).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    grid = Image.fromarray(make_grid(images, nrow))
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 class RunningMeans:

@@ -5,17 +5,16 @@ from latents.base import ROUNDING, LatentSpace, to_uint8
 from latents.pixel import PixelSpace
 from latents.sd_vae import SDVAE
 
-LATENTS: dict[str, type[LatentSpace]] = {"pixel": PixelSpace, "sd-vae": SDVAE}
-"""Latent spaces by the name `latent.name` takes."""
+LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE)}
+"""Latent spaces by the name `latent.name` takes (config section latent.<name with '-' as '_'>)."""
 
 
 def build_latent(cfg) -> LatentSpace:
-    """The latent space of a run from cfg.latent and cfg.data (image size; channels for pixels); weights stay unloaded."""
-    if cfg.latent.name not in LATENTS:
-        from gen.config import ConfigError
+    """The latent space of a run from cfg.latent and cfg.data (image size; channels for pixels); weights stay
+    unloaded."""
+    from gen.config import choose
 
-        raise ConfigError(f"config key 'latent.name': unknown latent space {cfg.latent.name!r}; one of {sorted(LATENTS)}")
-    return LATENTS[cfg.latent.name].from_config(cfg)
+    return choose("latent", cfg.latent.name, "latent.name").from_config(cfg)
 
 
 __all__ = ["LATENTS", "ROUNDING", "SDVAE", "LatentSpace", "PixelSpace", "build_latent", "to_uint8"]

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from gen.io import atomic_write
 
 
 def _round(x: Tensor) -> Tensor:
@@ -15,7 +20,7 @@ def _round(x: Tensor) -> Tensor:
 
 def _floor(x: Tensor) -> Tensor:
     # REPA generate.py: clamp(255 (x + 1) / 2, 0, 255) then a truncating cast, i.e. floor; values sit
-    # about half a level below DiT/SiT's and FID moves slightly (spec section 9).
+    # about half a level below DiT/SiT's and FID moves slightly (DiT/SiT sample_ddp.py round: clamp(127.5 x + 128)).
     return (255.0 * (x + 1.0) / 2.0).clamp(0, 255).to(torch.uint8)
 
 
@@ -33,12 +38,23 @@ def to_uint8(x: Tensor, rounding: str = "round") -> Tensor:
 
 
 class LatentSpace(ABC):
-    """A space the generative model runs in: cacheable raw encoding, per-step model input, decoding to pixels."""
+    """A space the generative model runs in: cacheable raw encoding, per-step model input, decoding, and how its
+    samples are shown (`render`) and stored (`to_storage`, `save_samples`)."""
 
     name: str = ""
-    """Registry key in latents.LATENTS (recorded in caches)."""
-    kind: str = "continuous"
-    """What objectives can run on it: continuous, binary, tokens or set."""
+    """Registry key in latents.LATENTS (recorded in caches; config section latent.<name> with '-' as '_')."""
+    Config: ClassVar[type]
+    """The space's config dataclass (a gen.config.ComponentConfig)."""
+    kind: ClassVar[str] = "continuous"
+    """Values the objective sees: continuous, binary or tokens (objectives declare the kinds they take)."""
+    layout: ClassVar[str] = "grid"
+    """Sample layout the backbone sees: grid (C, H, W) or set (n, d) (backbone families declare theirs)."""
+    modality: ClassVar[str] = "image"
+    """What decoded samples are (image, shape): picks the metric suite and the sample file format."""
+    raw_dtype: ClassVar[torch.dtype] = torch.float32
+    """dtype of encode_raw's output, i.e. of a cache's shards (float32 moments, uint8 bits, int64 token ids)."""
+    DRAWS: ClassVar[dict[str, str]] = {}
+    """Random inputs of `to_model` (e.g. posterior noise): name -> "sample" or "batch", drawn by `draw`."""
     shape: tuple[int, ...] = ()
     """Per-sample shape the model sees, e.g. (4, 32, 32)."""
     raw_shape: tuple[int, ...] = ()
@@ -54,12 +70,33 @@ class LatentSpace(ABC):
         """Deterministic, cacheable encoding of uint8 images (N, C, H, W) -> float32 (N, *raw_shape)."""
 
     @abstractmethod
-    def to_model(self, raw: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
-        """Raw encodings (N, *raw_shape) -> model inputs (N, *shape), with `noise` (N, *shape) or noise from `generator`."""
+    def to_model(self, raw: Tensor, generator: torch.Generator | None = None, **draws: Tensor) -> Tensor:
+        """Raw encodings (N, *raw_shape) -> model inputs (N, *shape), with the given `draws` (as `draw` makes them)
+        or randomness from `generator`."""
+
+    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """The random inputs of `to_model` for n samples (the trainer draws them with the step's other draws)."""
+        return {}
 
     @abstractmethod
     def decode(self, z: Tensor, rounding: str = "round") -> Tensor:
-        """Model-space samples (N, *shape) -> uint8 images (N, 3, H, W)."""
+        """Model-space samples (N, *shape) -> the modality's samples (images: uint8 (N, 3, H, W))."""
+
+    def render(self, samples: Tensor) -> Tensor:
+        """Decoded samples -> uint8 pictures (N, 3, H, W) for preview grids and TensorBoard (images: themselves)."""
+        return samples
+
+    def to_storage(self, samples: Tensor) -> np.ndarray:
+        """Decoded samples -> the rows sample.py stores (images: uint8 NHWC, as the ADM evaluator reads them)."""
+        return samples.permute(0, 2, 3, 1).cpu().numpy()
+
+    def from_storage(self, rows: np.ndarray) -> Tensor:
+        """Stored rows -> decoded samples (for grids and metrics computed after sampling)."""
+        return torch.from_numpy(np.asarray(rows)).permute(0, 3, 1, 2)
+
+    def save_samples(self, path: Path, rows: np.ndarray, labels: np.ndarray) -> Path:
+        """Write all stored rows and their labels atomically (images: ADM .npz with arr_0 and arr_1)."""
+        return atomic_write(path, lambda tmp: np.savez(tmp, arr_0=rows, arr_1=labels))
 
     @abstractmethod
     def settings(self) -> dict:
@@ -74,7 +111,8 @@ class LatentSpace(ABC):
         return self
 
     def state_dict(self) -> dict:
-        """Normalisation statistics (never network weights), stored in training checkpoints."""
+        """Normalisation statistics (never network weights), stored in every training checkpoint and restored by
+        train.py --resume and sample.py."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

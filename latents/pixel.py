@@ -4,14 +4,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
+from gen.config import ComponentConfig
+from gen.io import to_rgb
 from latents.base import LatentSpace, to_uint8
+
+
+@dataclass
+class PixelConfig(ComponentConfig):
+    """Pixels in [-1, 1]: no keys of its own (channels from the dataset, size from data.image_size)."""
 
 
 class PixelSpace(LatentSpace):
     """Images scaled to [-1, 1]; the raw encoding is already the model input."""
 
     name = "pixel"
-    kind = "continuous"
+    Config = PixelConfig
 
     def __init__(self, channels: int, image_size: int):
         self.channels = int(channels)
@@ -32,14 +41,13 @@ class PixelSpace(LatentSpace):
             raise ValueError(f"pixel space expects images of shape {self.shape}, got {tuple(images.shape[1:])}")
         return images.to(torch.float32) / 127.5 - 1.0
 
-    def to_model(self, raw: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+    def to_model(self, raw: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Identity: pixels need no posterior sample or normalisation."""
         return raw
 
     def decode(self, z: Tensor, rounding: str = "round") -> Tensor:
         """[-1, 1] -> uint8 (N, 3, H, W); one-channel images are repeated to RGB for grids and Inception."""
-        images = to_uint8(z, rounding)
-        return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
+        return to_rgb(to_uint8(z, rounding)).contiguous()
 
     def settings(self) -> dict:
         """Channels and image size."""

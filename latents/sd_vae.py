@@ -2,15 +2,19 @@
 
 Raw encoding = posterior mean ‖ std of the [-1, 1] image, (8, H/8, W/8) float32, as REPA's
 `preprocessing/encoders.py` stores it; each training step draws z = (mean + std·ε)·0.18215
-(REPA train.py `sample_posterior`: bias 0, one scale for all channels; spec section 8).
+(REPA train.py `sample_posterior` and `latents_scale`: bias 0, one scale for all channels).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from gen.config import ComponentConfig, check
+from gen.io import to_rgb
 from latents.base import LatentSpace, to_uint8
 
 FACTOR = 8
@@ -22,15 +26,32 @@ _PUBLISHED = (
     "the weights are published on the Hugging Face Hub as stabilityai/sd-vae-ft-ema (REPA's decoder for "
     "evaluation) and stabilityai/sd-vae-ft-mse (same encoder); download one once on a machine with network "
     "access (huggingface_hub.snapshot_download('stabilityai/sd-vae-ft-ema')) and copy the folder here, "
-    "then pass its path with latent.vae_path=/path/to/sd-vae-ft-ema"
+    "then pass its path with latent.sd_vae.vae_path=/path/to/sd-vae-ft-ema"
 )
+
+
+@dataclass
+class SDVAEConfig(ComponentConfig):
+    """Stable Diffusion's VAE (diffusers AutoencoderKL), f = 8, 4 channels."""
+
+    vae_path: Optional[str] = None
+    """Local diffusers folder of AutoencoderKL, or a repo id already in the local HF cache."""
+    scale: float = 0.18215
+    """Latent scale factor applied to posterior samples (SD's 0.18215, one for all channels)."""
+
+    def validate(self, cfg) -> None:
+        """A positive scale and an image size the VAE's downsampling divides."""
+        check(self.scale > 0, "latent.sd_vae.scale", "must be positive")
+        check(cfg.data.image_size % FACTOR == 0, "data.image_size",
+              f"{cfg.data.image_size} is not divisible by the SD VAE's downsampling factor {FACTOR}")
 
 
 class SDVAE(LatentSpace):
     """SD-VAE latents: cached posterior moments, a fresh posterior sample times `scale` per step."""
 
     name = "sd-vae"
-    kind = "continuous"
+    Config = SDVAEConfig
+    DRAWS = {"noise": "sample"}
 
     def __init__(self, vae_path: str | None, image_size: int, scale: float = 0.18215, batch_size: int = 64):
         if image_size % FACTOR:
@@ -46,8 +67,8 @@ class SDVAE(LatentSpace):
 
     @classmethod
     def from_config(cls, cfg) -> SDVAE:
-        """From cfg.latent (weights path, scale) and cfg.data.image_size; the weights stay unloaded."""
-        return cls(cfg.latent.vae_path, cfg.data.image_size, scale=cfg.latent.scale)
+        """From cfg.latent.sd_vae (weights path, scale) and cfg.data.image_size; the weights stay unloaded."""
+        return cls(cfg.latent.sd_vae.vae_path, cfg.data.image_size, scale=cfg.latent.sd_vae.scale)
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -62,7 +83,7 @@ class SDVAE(LatentSpace):
         from diffusers.models import AutoencoderKL  # lighter than the top-level lazy module (~2x faster import)
 
         if self.vae_path is None:
-            raise FileNotFoundError(f"the sd-vae latent space needs its weights and latent.vae_path is not set; "
+            raise FileNotFoundError(f"the sd-vae latent space needs its weights and latent.sd_vae.vae_path is not set; "
                                     f"{_PUBLISHED}")
         try:
             vae = AutoencoderKL.from_pretrained(self.vae_path, local_files_only=True, torch_dtype=torch.float32)
@@ -70,13 +91,13 @@ class SDVAE(LatentSpace):
             where = ("the folder exists but holds no loadable AutoencoderKL (config.json + "
                      "diffusion_pytorch_model.safetensors)" if os.path.isdir(self.vae_path)
                      else "no such folder, and no such repo id in the local Hugging Face cache")
-            raise FileNotFoundError(f"cannot load the SD VAE from latent.vae_path={self.vae_path!r}: {where}; "
+            raise FileNotFoundError(f"cannot load the SD VAE from latent.sd_vae.vae_path={self.vae_path!r}: {where}; "
                                     f"{_PUBLISHED}") from err
         config = vae.config
         factor = 2 ** (len(config.block_out_channels) - 1)
         if config.latent_channels != LATENT_CHANNELS or factor != FACTOR:
-            raise ValueError(f"latent.vae_path={self.vae_path!r} is not an SD VAE: {config.latent_channels} latent "
-                             f"channels and downsampling {factor}, expected {LATENT_CHANNELS} and {FACTOR}")
+            raise ValueError(f"latent.sd_vae.vae_path={self.vae_path!r} is not an SD VAE: {config.latent_channels} "
+                             f"latent channels and downsampling {factor}, expected {LATENT_CHANNELS} and {FACTOR}")
         # Always float32 (the cache must not depend on the machine's precision) and frozen.
         return vae.eval().requires_grad_(False)
 
@@ -85,8 +106,7 @@ class SDVAE(LatentSpace):
     @torch.no_grad()
     def encode_raw(self, images: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> float32 posterior mean ‖ std (N, 8, H/8, W/8); 1-channel images become RGB."""
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
+        images = to_rgb(images)
         expected = (3, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected:
             raise ValueError(f"sd-vae expects images of shape {expected}, got {tuple(images.shape[1:])}")
@@ -96,6 +116,10 @@ class SDVAE(LatentSpace):
             posterior = vae.encode(chunk.to(torch.float32) / 127.5 - 1.0).latent_dist
             out.append(torch.cat([posterior.mean, posterior.std], dim=1))
         return torch.cat(out)
+
+    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """The posterior noise of n samples."""
+        return {"noise": torch.randn((n, *self.shape), generator=generator, device=device)}
 
     def to_model(self, raw: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """(mean + std·ε)·scale, ε = `noise` if given, else drawn from `generator` on its device."""

@@ -1,5 +1,12 @@
-"""Metrics: Gaussian feature statistics and the Frechet distance, the offline digits metric, FID-family scores."""
+"""Metrics: Gaussian feature statistics and the Frechet distance, the offline digits metric, FID-family scores.
+
+Metric suites are registered per modality (latents.LatentSpace.modality): `STREAMED[modality]` names the module
+whose `METRICS` and `MetricSuite` score samples while they are drawn (sample.py, training-time FID), and
+`SAMPLE_METRICS[modality]` the metrics computed once all samples are drawn. A new modality registers its suite here.
+"""
 from __future__ import annotations
+
+import importlib
 
 
 def digits_metric(images, labels, cfg) -> dict:
@@ -9,25 +16,43 @@ def digits_metric(images, labels, cfg) -> dict:
     return DigitsEvaluator(cfg.data.image_size).evaluate(images, labels)
 
 
-# Metrics sample.py computes once all samples are drawn, on the main process: fn(images uint8, labels, cfg) -> dict.
-SAMPLE_METRICS = {"digits": digits_metric}
+STREAMED: dict[str, str] = {"image": "gen.eval.metrics"}
+"""Modality -> module with the streamed metric registry (METRICS) and its MetricSuite."""
+
+SAMPLE_METRICS: dict[str, dict] = {"image": {"digits": digits_metric}}
+"""Modality -> metrics sample.py computes once all samples are drawn, on the main process:
+fn(decoded samples, labels, cfg) -> dict."""
 
 # Shorthands for groups of gen.eval.metrics.METRICS; "adm" is the suite papers report (one Inception pass).
 SUITE_ALIASES = {"adm": ("fid", "sfid", "is", "pr")}
 
 
-def split_sample_metrics(names) -> tuple[list[str], list[str]]:
-    """`sample.metrics` -> (FID-family names streamed into one MetricSuite while sampling, SAMPLE_METRICS names)."""
+def split_sample_metrics(names, modality: str = "image") -> tuple[list[str], list[str]]:
+    """`sample.metrics` for samples of `modality` -> (names streamed into one MetricSuite while sampling,
+    SAMPLE_METRICS names); a metric not registered for the modality is refused naming it."""
     from gen.config import ConfigError
-    from gen.eval.metrics import METRICS
 
+    streamed_registry = importlib.import_module(STREAMED[modality]).METRICS if modality in STREAMED else {}
+    after_registry = SAMPLE_METRICS.get(modality, {})
+    aliases = SUITE_ALIASES if modality in STREAMED else {}
     streamed, after = [], []
     for name in names:
-        if name in SAMPLE_METRICS:
+        if name in after_registry:
             after.append(name)
-        elif name in SUITE_ALIASES or name in METRICS:
-            streamed += SUITE_ALIASES.get(name, (name,))
+        elif name in aliases or name in streamed_registry:
+            streamed += aliases.get(name, (name,))
         else:
-            known = sorted({*SAMPLE_METRICS, *SUITE_ALIASES, *METRICS})
-            raise ConfigError(f"config key 'sample.metrics': unknown metric {name!r}; one of {known}")
+            known = sorted({*after_registry, *aliases, *streamed_registry})
+            raise ConfigError(f"config key 'sample.metrics': unknown metric {name!r} for {modality} samples; "
+                              f"one of {known}")
     return list(dict.fromkeys(streamed)), after
+
+
+def build_suite(names: list[str], ecfg, device, modality: str = "image"):
+    """The streamed metric suite of `modality` computing `names` (its networks load now: missing files fail
+    early)."""
+    from gen.config import ConfigError
+
+    if modality not in STREAMED:
+        raise ConfigError(f"no streamed metrics are registered for {modality} samples (metrics {names})")
+    return importlib.import_module(STREAMED[modality]).MetricSuite(names, ecfg, device)

@@ -4,7 +4,8 @@ Two numbers, both without network access or pretrained weights: class consistenc
 classifier assigns to their conditioning label) and the Frechet distance between the classifier's penultimate
 features of the samples and of the held-out split. The classifier is trained once per image size (a few seconds on
 CPU, fixed seed) and cached; the feature width is kept small (48) so that the ~360 held-out images give a
-non-singular covariance (specs/evaluation.md section 5: N < d makes the Frechet distance biased).
+non-singular covariance (N < d makes the covariance singular, bioinf-jku/TTUR issue #4, and the Frechet distance
+biased).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from gen.data import DigitsDataset
 from gen.eval.frechet import GaussianStats, frechet_distance
+from gen.io import atomic_write
 
 VERSION = "v1"  # bump when the network, the training recipe or the digits splits change: old caches are ignored
 FEATURE_DIM = 48
@@ -165,10 +167,7 @@ class DigitsEvaluator:
                               stacklevel=3)
         net = train_classifier(self.image_size)
         self.trained_now = True
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, self.cache_path)  # atomic: a concurrent reader never sees half a file
+        atomic_write(self.cache_path, lambda tmp: torch.save(net.state_dict(), tmp))  # readers never see half a file
         return net
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""FD-DINOv2 features (Stein et al., NeurIPS 2023; layer6ai-labs/dgm-eval), from local weights only (spec section 6).
+"""FD-DINOv2 features (Stein et al., NeurIPS 2023; layer6ai-labs/dgm-eval), from local weights only
+(dgm-eval's DINOv2Encoder protocol; no torch.hub download).
 
 Verified against the sources: dgm-eval's DINOv2Encoder loads `torch.hub` `dinov2_vitl14` and preprocesses each PIL
 image with torchvision `Resize((224, 224), BICUBIC)` (PIL's bicubic on PIL images), `ToTensor` and ImageNet
@@ -21,6 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from gen.eval.extractor import check_sha256, exact_float32
+from gen.io import load_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,8 +87,8 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    state = load_state(path, "FD-DINOv2 weights, config key eval.dinov2_weights")
+    return state.get("model", state)
 
 
 class DinoV2Features(nn.Module):

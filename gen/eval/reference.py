@@ -1,10 +1,10 @@
 """Image sources (.npz sample/reference batches, image folders) and ADM-layout reference statistics files.
 
-Layout (specs/evaluation.md section 2, ADM's `VIRTUAL_imagenet256_labeled.npz`): `arr_0` uint8 (N, H, W, 3) images
-(the reference batch's 10K images, used for precision/recall), float64 `mu`/`sigma` (pool_3, 2048) and `mu_s`/`sigma_s`
-(sFID spatial features, 2023). Files written here use the same keys and dtypes, plus `mu_dinov2`/`sigma_dinov2`
-when FD-DINOv2 statistics are included (ADM's evaluator reads only the keys it knows, so the file stays usable
-there). Everything is read with allow_pickle=False.
+Layout (guided-diffusion evaluations/README.md and evaluator.py, ADM's `VIRTUAL_imagenet256_labeled.npz`):
+`arr_0` uint8 (N, H, W, 3) images (the reference batch's 10K images, used for precision/recall), float64 `mu`/`sigma`
+(pool_3, 2048) and `mu_s`/`sigma_s` (sFID spatial features, 2023). Files written here use the same keys and dtypes,
+plus `mu_dinov2`/`sigma_dinov2` when FD-DINOv2 statistics are included (ADM's evaluator reads only the keys it knows,
+so the file stays usable there). Everything is read with allow_pickle=False.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gen.data import IMAGE_EXTENSIONS, DataError, adm_center_crop, load_rgb
 from gen.eval.accumulate import Accumulator, feed
+from gen.io import atomic_write
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -155,11 +156,7 @@ def write_stats(path: str | Path, stats: dict[str, tuple[np.ndarray, np.ndarray]
     if images is not None:
         arrays["arr_0"] = images
     arrays.update({k: np.asarray(v) for k, v in extra.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def cache_file(cache_dir: str | Path, source: str | Path, tags: dict) -> Path:

@@ -1,32 +1,38 @@
-"""Backbone registry: `MODELS["SiT-XL/2"](**overrides)` or `build_model(name, **overrides)`."""
+"""Backbone registry: `FAMILIES` (one gen.models.base.Backbone subclass per family, config section model.<key>) and
+`MODELS`, the merge of every family's model names (`MODELS["SiT-XL/2"](**overrides)` or `build_model`)."""
 from __future__ import annotations
 
 import difflib
-import inspect
-from functools import partial
 from typing import Callable
 
 from torch import nn
 
-from gen.models.dit import FAMILIES, SIZES, BackboneOutput, Transformer
+from gen.models.base import Backbone, BackboneOutput, require_grid
+from gen.models.dit import SIZES, VARIANTS, Transformer
+
+FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer}
+"""Backbone families by their key (the config section model.<key>)."""
+
+MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()
+                                               for name, build in family.MODELS.items()}
 
 
-def _build(family: str, size: str, patch_size: int, **overrides) -> Transformer:
-    """A family/size/patch entry with user overrides (input_size, in_channels, num_classes, learn_sigma, ...)."""
-    allowed = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise TypeError(f"unknown model option(s) {unknown} for {family}-{size}/{patch_size}; valid: {sorted(allowed)}")
-    defaults = {k: v for k, v in FAMILIES[family].items() if k != "patches"}
-    return Transformer(**{**SIZES[size], **defaults, "patch_size": patch_size, **overrides})
+def family_of(name: str) -> type[Backbone]:
+    """The family registering model `name`, or a ConfigError naming model.name and close names."""
+    for family in FAMILIES.values():
+        if name in family.MODELS:
+            return family
+    from gen.config import ConfigError
+
+    models = sorted(n for family in FAMILIES.values() for n in family.MODELS)
+    close = difflib.get_close_matches(name, models, n=3)
+    raise ConfigError(f"config key 'model.name': unknown model {name!r}; "
+                      + (f"did you mean {close}?" if close else f"one of {models}"))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    f"{family}-{size}/{p}": partial(_build, family, size, p)
-    for family, spec in FAMILIES.items()
-    for size in SIZES
-    for p in spec["patches"]
-}
+def model_size(name: str) -> str | None:
+    """The size tag (S, B, L, XL) of a registered model, for per-size method defaults; None if it has none."""
+    return family_of(name).SIZES_OF.get(name)
 
 
 def build_model(name: str, **overrides) -> nn.Module:
@@ -38,4 +44,10 @@ def build_model(name: str, **overrides) -> nn.Module:
     return MODELS[name](**overrides)
 
 
-__all__ = ["MODELS", "SIZES", "FAMILIES", "BackboneOutput", "Transformer", "build_model"]
+def build_backbone(cfg, sample_shape: tuple[int, ...]) -> Backbone:
+    """The configured backbone (cfg.model), sized for samples of `sample_shape`, conditioned as cfg.cond says."""
+    return family_of(cfg.model.name).from_config(cfg, tuple(sample_shape))
+
+
+__all__ = ["FAMILIES", "MODELS", "SIZES", "VARIANTS", "Backbone", "BackboneOutput", "Transformer", "build_backbone",
+           "build_model", "family_of", "model_size", "require_grid"]

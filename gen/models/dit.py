@@ -7,12 +7,18 @@ predicts 4 channels and zeroes that bias.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from gen.cond import as_cond
+from gen.config import ComponentConfig, check
 from gen.layers import AdaLNBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
+from gen.models.base import Backbone, BackboneOutput
 
 # Sizes are data (DiT paper, Table 1): depth, hidden width D, attention heads.
 SIZES: dict[str, dict[str, int]] = {
@@ -22,25 +28,61 @@ SIZES: dict[str, dict[str, int]] = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 
-# Family defaults; everything here can be overridden per model.
-FAMILIES: dict[str, dict] = {
+# Variant defaults; everything here can be overridden per model.
+VARIANTS: dict[str, dict] = {
     "DiT": dict(learn_sigma=True, zero_patch_bias=False, patches=(2, 4, 8)),
     "SiT": dict(learn_sigma=False, zero_patch_bias=True, patches=(1, 2, 4, 8)),
 }
 
 
-class BackboneOutput(NamedTuple):
-    """Network output (None when stopped early) and the token states after the requested blocks."""
+@dataclass
+class DiTConfig(ComponentConfig):
+    """DiT/SiT transformers (model.name DiT-*/SiT-*): options over the size table and the variant defaults."""
 
-    out: Tensor | None  # (N, C_out, H, W)
-    feats: dict[int, Tensor]  # block index k (1-based) -> (N, T, D)
+    learn_sigma: Optional[bool] = None
+    """Predict a variance too (2x output channels); null keeps the variant default (DiT yes, SiT no)."""
+    qk_norm: bool = False
+    """Per-head LayerNorm on queries and keys (REPA's --qk-norm)."""
+    rope: bool = False
+    """2-D rotary position embedding on q/k in every attention (LightningDiT/ERW style); off: DiT/SiT as published."""
+    depth: Optional[int] = None
+    """Number of blocks; null keeps the size table's value."""
+    hidden_size: Optional[int] = None
+    """Token width D; null keeps the size table's value."""
+    num_heads: Optional[int] = None
+    """Attention heads; null keeps the size table's value."""
+
+    def validate(self, cfg) -> None:
+        """Positive sizes, and a width the heads divide."""
+        for key in ("depth", "hidden_size", "num_heads"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"model.dit.{key}", "a positive number or null")
+        size = SIZES[Transformer.SIZES_OF[cfg.model.name]] if cfg.model.name in Transformer.SIZES_OF else {}
+        width, heads = self.hidden_size or size.get("hidden_size"), self.num_heads or size.get("num_heads")
+        check(width is None or heads is None or width % heads == 0, "model.dit.hidden_size",
+              f"{width} is not divisible by {heads} heads (model.dit.num_heads)")
 
 
-class Transformer(nn.Module):
+def _build(variant: str, size: str, patch_size: int, **overrides) -> Transformer:
+    """A variant/size/patch entry with user overrides (input_size, in_channels, num_classes, learn_sigma, ...)."""
+    allowed = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"unknown model option(s) {unknown} for {variant}-{size}/{patch_size}; "
+                        f"valid: {sorted(allowed)}")
+    defaults = {k: v for k, v in VARIANTS[variant].items() if k != "patches"}
+    return Transformer(**{**SIZES[size], **defaults, "patch_size": patch_size, **overrides})
+
+
+class Transformer(Backbone):
     """DiT/SiT backbone: patchify, sin-cos positions, adaLN-Zero blocks, modulated final layer.
 
     `qk_norm` and `rope` (2-D RoPE on q/k, LightningDiT/ERW style) are independent switches; both off: as published.
     """
+
+    KEY = "dit"
+    Config = DiTConfig
+    LAYOUTS = ("grid",)
 
     def __init__(
         self,
@@ -70,7 +112,9 @@ class Transformer(nn.Module):
         self.learn_sigma = learn_sigma
         self.rope = rope
         self.hidden_size = hidden_size
-        self.depth = depth
+        self.depth = self.num_blocks = depth
+        self.sample_shape = (in_channels, h, w)
+        self.token_grid = self.grid
         self.num_classes = num_classes
         self.null_class = num_classes  # explicit null id: the last row of the label table
 
@@ -110,21 +154,42 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, taps=(), stop_at: int | None = None) -> BackboneOutput:
-        """Denoise `x` at time `t` for labels `y`; `feats[k]` is the token state after k blocks for k in taps.
+    @classmethod
+    def from_config(cls, cfg, sample_shape: tuple[int, ...]) -> Transformer:
+        """cfg.model.name with cfg.model.dit's options, for latents of shape (C, H, W), cfg.cond.num_classes classes."""
+        if len(sample_shape) != 3:
+            raise ValueError(f"{cfg.model.name} takes (C, H, W) samples, got shape {tuple(sample_shape)}")
+        channels, height, width = sample_shape
+        o = cfg.model.dit
+        overrides = {k: getattr(o, k) for k in ("learn_sigma", "depth", "hidden_size", "num_heads")
+                     if getattr(o, k) is not None}
+        return cls.MODELS[cfg.model.name](input_size=(height, width), in_channels=channels,
+                                          num_classes=cfg.cond.num_classes, qk_norm=o.qk_norm, rope=o.rope, **overrides)
+
+    @classmethod
+    def config_blocks(cls, cfg) -> int:
+        """model.dit.depth, else the size table's depth."""
+        return cfg.model.dit.depth or SIZES[cls.SIZES_OF[cfg.model.name]]["depth"]
+
+    def token_width(self, block: int) -> int:
+        """Every block keeps the width D."""
+        return self.hidden_size
+
+    def warm_parameters(self, blocks: int) -> tuple[str, ...]:
+        """The x/t/y embedders and blocks 1..blocks (pos_embed is frozen anyway)."""
+        return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(blocks)))
+
+    def forward(self, x: Tensor, t: Tensor, cond, *, taps=(), stop_at: int | None = None) -> BackboneOutput:
+        """Denoise `x` at time `t` under `cond` (a Cond, or class labels); `feats[k]`: tokens after k blocks.
 
         With `stop_at=k` only the first k blocks run and `out` is None (teachers that need one feature).
         """
         taps = frozenset(taps)
-        last = self.depth if stop_at is None else stop_at
-        if any(k < 1 or k > self.depth for k in taps) or not 1 <= last <= self.depth:
-            raise ValueError(f"taps {sorted(taps)} / stop_at {stop_at} must lie in 1..{self.depth}")
-        if stop_at is not None and any(k > stop_at for k in taps):
-            raise ValueError(f"taps {sorted(taps)} go deeper than stop_at={stop_at}")
+        last = self.check_taps(taps, stop_at)
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(as_cond(cond).labels)  # (N, D)
         feats: dict[int, Tensor] = {}
         for k, block in enumerate(self.blocks[:last], start=1):
             h = block(h, c)  # (N, T, D)
@@ -134,3 +199,10 @@ class Transformer(nn.Module):
             return BackboneOutput(None, feats)
         out = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return BackboneOutput(unpatchify(out, self.grid, self.patch_size, self.out_channels), feats)
+
+
+Transformer.MODELS = {
+    f"{variant}-{size}/{p}": partial(_build, variant, size, p)
+    for variant, spec in VARIANTS.items() for size in SIZES for p in spec["patches"]
+}
+Transformer.SIZES_OF = {name: name.split("-")[1].split("/")[0] for name in Transformer.MODELS}

@@ -1,8 +1,15 @@
-"""Training objectives: `OBJECTIVES[name]` is the class; each owns its noising, loss and samplers."""
+"""Training objectives: `OBJECTIVES[key]` is the class (config section objective.<key>); each owns its corruption,
+loss, prior and samplers (gen.objectives.base.Objective)."""
 from gen.objectives.base import LossOutput, Objective
 from gen.objectives.ddpm import DDPMObjective
 from gen.objectives.flow import FlowObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {"flow": FlowObjective, "ddpm": DDPMObjective}
+OBJECTIVES: dict[str, type[Objective]] = {cls.KEY: cls for cls in (FlowObjective, DDPMObjective)}
 
-__all__ = ["OBJECTIVES", "DDPMObjective", "FlowObjective", "LossOutput", "Objective"]
+
+def build_objective(cfg, model) -> Objective:
+    """The configured objective (cfg.objective) for `model` (its null class and output head)."""
+    return OBJECTIVES[cfg.objective.name].from_config(cfg, model)
+
+
+__all__ = ["OBJECTIVES", "DDPMObjective", "FlowObjective", "LossOutput", "Objective", "build_objective"]

@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from gen.objectives.base import LossOutput, Objective, drop_labels, mean_flat
+from gen.cond import Cond, Conditioning, as_cond
+from gen.config import ComponentConfig, check
+from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import randn as draw_noise
 
@@ -202,14 +205,14 @@ class DiffusionChain:
         x_prev = abar_prev.sqrt() * p.pred_x0 + (1 - abar_prev - sigma**2).sqrt() * p.eps
         return (x_prev + sigma * randn() if eta > 0 else x_prev), p.pred_x0
 
-    def _call(self, model_fn: ModelFn, x: Tensor, k: int, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _call(self, model_fn: ModelFn, x: Tensor, k: int, cond: Cond, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Chain index k as a batch, and the network output at original step timestep_map[k] (float64 state)."""
         i = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
         t = self.timestep_map[k].to(device=x.device, dtype=torch.float64).expand(x.shape[0])
-        return i, model_fn(x.to(dtype), t, y).to(torch.float64)
+        return i, model_fn(x.to(dtype), t, cond).to(torch.float64)
 
     @torch.no_grad()
-    def sample_loop(self, model_fn: ModelFn, x_T: Tensor, y: Tensor, step, *, generator=None, callback=None) -> Tensor:
+    def sample_loop(self, model_fn: ModelFn, x_T: Tensor, cond: Cond, step, *, generator=None, callback=None) -> Tensor:
         """Run `step` (ddpm_step / ddim_step) from x_T at the noisiest index down to x_0; state kept in float64.
 
         `callback(dict(i, t, x, denoised))` gets the state after the i-th step (0-based), which read network step t.
@@ -221,20 +224,20 @@ class DiffusionChain:
             return draw_noise(x.shape, generator, device=x.device, dtype=x_T.dtype).to(torch.float64)
 
         for n, k in enumerate(reversed(range(self.num_timesteps))):
-            i, out = self._call(model_fn, x, k, y, x_T.dtype)
+            i, out = self._call(model_fn, x, k, cond, x_T.dtype)
             x, pred_x0 = step(out, x, i, randn)
             if callback is not None:
                 callback({"i": n, "t": int(self.timestep_map[k]), "x": x, "denoised": pred_x0})
         return x.to(x_T.dtype)
 
     @torch.no_grad()
-    def reverse_loop(self, model_fn: ModelFn, x0: Tensor, y: Tensor, *, callback=None) -> Tensor:
+    def reverse_loop(self, model_fn: ModelFn, x0: Tensor, cond: Cond, *, callback=None) -> Tensor:
         """Deterministic DDIM inversion (eta = 0): data x0 -> x at the noisiest index, which DDIM maps back."""
         x = x0.to(torch.float64)
         c = x.shape[1]
         for k in range(self.num_timesteps):
             # Step k moves abar_prev[k] -> abar[k] with eps read at the level x is at (index k-1; index 0 for the data).
-            _, out = self._call(model_fn, x, max(k - 1, 0), y, x0.dtype)
+            _, out = self._call(model_fn, x, max(k - 1, 0), cond, x0.dtype)
             eps = out[:, :c]
             abar_from, abar_to = float(self.alphas_cumprod_prev[k]), float(self.alphas_cumprod[k])
             pred_x0 = (x - math.sqrt(1 - abar_from) * eps) / math.sqrt(abar_from)
@@ -244,8 +247,27 @@ class DiffusionChain:
         return x.to(x0.dtype)
 
 
+@dataclass
+class DDPMConfig(ComponentConfig):
+    """DiT's discrete Gaussian diffusion (IDDPM's learned-range variance and hybrid loss)."""
+
+    num_timesteps: int = 1000
+    """Length T of the diffusion chain (linear betas 1e-4..0.02, scaled by 1000/T)."""
+    beta_schedule: str = "linear"
+    """Betas: linear (Ho et al., DiT) or cosine (IDDPM eq. 17)."""
+
+    def validate(self, cfg) -> None:
+        """A positive chain length and a registered schedule."""
+        check(self.num_timesteps > 1, "objective.ddpm.num_timesteps", "must be at least 2")
+        check(self.beta_schedule in BETA_SCHEDULES, "objective.ddpm.beta_schedule", f"one of {sorted(BETA_SCHEDULES)}")
+
+
 class DDPMObjective(DiffusionChain, Objective):
     """DiT's training objective and samplers: the full T-step chain plus eps-MSE + VB loss, DDPM/DDIM sampling."""
+
+    KEY = "ddpm"
+    Config = DDPMConfig
+    LATENT_KINDS = ("continuous",)
 
     def __init__(
         self,
@@ -257,9 +279,8 @@ class DDPMObjective(DiffusionChain, Objective):
     ):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose from {sorted(BETA_SCHEDULES)}")
-        super().__init__(BETA_SCHEDULES[beta_schedule](num_timesteps), learn_sigma=learn_sigma)
-        self.label_dropout = label_dropout
-        self.null_class = null_class  # None: an unconditional model, no label dropout and no CFG
+        DiffusionChain.__init__(self, BETA_SCHEDULES[beta_schedule](num_timesteps), learn_sigma=learn_sigma)
+        Objective.__init__(self, Conditioning(null_class, label_dropout))  # null_class None: unconditional, no CFG
         self._spaced: dict[str, DiffusionChain] = {}
 
     def respace(self, section_counts: int | str) -> DiffusionChain:
@@ -277,10 +298,11 @@ class DDPMObjective(DiffusionChain, Objective):
     SAMPLERS = {"ddpm": "ancestral sampling on the respaced chain", "ddim": "DDIM with eta"}
 
     @classmethod
-    def from_config(cls, ocfg, model) -> "DDPMObjective":
-        """From a gen.config.ObjectiveConfig, for `model` (its null class and variance head)."""
-        return cls(num_timesteps=ocfg.num_timesteps, learn_sigma=model.learn_sigma,
-                   label_dropout=ocfg.label_dropout, null_class=model.null_class)
+    def from_config(cls, cfg, model) -> DDPMObjective:
+        """From cfg.objective.ddpm and cfg.cond, for `model` (its null class and variance head)."""
+        o = cfg.objective.ddpm
+        return cls(num_timesteps=o.num_timesteps, beta_schedule=o.beta_schedule, learn_sigma=model.learn_sigma,
+                   label_dropout=cfg.cond.label_dropout, null_class=model.null_class)
 
     def sample_time(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
         """n integer steps, uniform over the full chain."""
@@ -295,19 +317,19 @@ class DDPMObjective(DiffusionChain, Objective):
         """x_t ~ q(x_t | x0) at integer steps t with the given noise (the loss and SRA's teacher input)."""
         return self.q_sample(x0, t.to(x0.device).long(), noise)
 
-    def loss(
-        self, model, x0: Tensor, y: Tensor, *, taps=(), t: Tensor | None = None, noise: Tensor | None = None,
-        drop: Tensor | None = None,
-    ) -> LossOutput:
+    def teacher_view(self, x0: Tensor, t: Tensor, noise: Tensor, u: Tensor, t_max: float) -> tuple[Tensor, Tensor]:
+        """SRA's teacher input on integer steps: t_t = round(t - u t_max T) clamped to 0..T-1, same x0 and noise
+        (vvvvvjdy/SRA DiT-SRA, with a continuous offset)."""
+        steps = self.num_timesteps
+        t_t = torch.round(t.double() - u.double() * t_max * steps).clamp(0, steps - 1).long()
+        return self.noised(x0, t_t, noise), t_t
+
+    def compute_loss(self, model, x0: Tensor, cond: Cond, *, taps: tuple[int, ...], t: Tensor,
+                     noise: Tensor) -> LossOutput:
         """Per-sample L_simple (eps MSE) + L_vb on the detached mean (IDDPM L_hybrid as DiT trains it)."""
-        if t is None:
-            t = self.sample_time(x0.shape[0], device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
         t = t.to(x0.device).long()
-        y = drop_labels(y, self.label_dropout, self.null_class, drop)
         x_t = self.noised(x0, t, noise)
-        res = model(x_t, t.float(), y, taps=taps)
+        res = self.call(model, x_t, t, cond, taps=taps)
         out = res.out.to(torch.promote_types(x0.dtype, torch.float32))  # bf16 autocast output -> fp32 loss
         eps = out[:, : x0.shape[1]]
         mse = mean_flat((noise - eps) ** 2)
@@ -319,10 +341,11 @@ class DDPMObjective(DiffusionChain, Objective):
             vb = self.vb_term(torch.cat([eps.detach(), out[:, x0.shape[1]:]], dim=1), x0, x_t, t)
             logs["vb"] = vb.detach()
             loss = mse + vb
-        return LossOutput(loss=loss, x_t=x_t, t=t, noise=noise, y=y, feats=res.feats, logs=logs)
+        return LossOutput(loss=loss, x_t=x_t, t=t, noise=noise, cond=cond, feats=res.feats, logs=logs)
 
     def _guided(self, model_fn: ModelFn, channels: int, cfg_scale: float, cfg_interval) -> ModelFn:
-        """CFG on the eps channels only (spec 6; not DiT's 3 of 4), the interval mapped to integer steps."""
+        """CFG on the eps channels only (all of them, not DiT models.py forward_with_cfg's 3 of 4), the interval
+        mapped to integer steps."""
         if cfg_scale == 1.0:
             return model_fn
         if self.null_class is None:
@@ -330,13 +353,13 @@ class DDPMObjective(DiffusionChain, Objective):
         lo, hi = cfg_interval
         # The interval is a fraction of the chain, t / T; the network's time is the original integer step.
         interval = (lo * self.num_timesteps, hi * self.num_timesteps)
-        return with_cfg(model_fn, cfg_scale, self.null_class, interval, channels=channels)
+        return with_cfg(model_fn, cfg_scale, self.cond, interval, channels=channels)
 
     def sample(
         self,
         model_fn: ModelFn,
         noise: Tensor,
-        y: Tensor,
+        cond,
         *,
         sampler: str = "ddpm",
         num_steps: int | str = 250,
@@ -352,13 +375,13 @@ class DDPMObjective(DiffusionChain, Objective):
         if sampler not in steps:
             raise ValueError(f"unknown DDPM sampler {sampler!r}; choose from {sorted(steps)}")
         fn = self._guided(model_fn, noise.shape[1], cfg_scale, cfg_interval)
-        return chain.sample_loop(fn, noise, y, steps[sampler], generator=generator, callback=callback)
+        return chain.sample_loop(fn, noise, as_cond(cond), steps[sampler], generator=generator, callback=callback)
 
     def ddim_reverse(
         self,
         model_fn: ModelFn,
         x0: Tensor,
-        y: Tensor,
+        cond,
         *,
         num_steps: int | str = 250,
         cfg_scale: float = 1.0,
@@ -367,4 +390,4 @@ class DDPMObjective(DiffusionChain, Objective):
     ) -> Tensor:
         """DDIM inversion x0 -> x_T on the respaced chain; `sample(..., sampler="ddim")` on that chain maps it back."""
         fn = self._guided(model_fn, x0.shape[1], cfg_scale, cfg_interval)
-        return self.respace(num_steps).reverse_loop(fn, x0, y, callback=callback)
+        return self.respace(num_steps).reverse_loop(fn, x0, as_cond(cond), callback=callback)

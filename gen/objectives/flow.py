@@ -1,6 +1,7 @@
 """Flow-matching objectives on interpolant paths x_t = alpha_t x + sigma_t eps (SiT, REPA).
 
-Time convention (spec section 2): t = 0 is data, t = 1 is noise, sampling integrates t from 1 to 0. SiT's time is
+Time convention (REPA loss.py / samplers.py): t = 0 is data, t = 1 is noise, sampling integrates t from 1 to 0.
+SiT's time is
 s = 1 - t and its velocity is -v. One path object gives alpha, sigma and their t-derivatives to both the loss and
 the samplers; every conversion between predictions goes through the 2x2 system
 
@@ -21,7 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gen.objectives.base import LossOutput, Objective, drop_labels, mean_flat
+from gen.cond import Cond, Conditioning, as_cond
+from gen.config import ComponentConfig, check
+from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import Generators
 from gen.sampling.solvers import ode_grid, sample_euler, sample_euler_maruyama, sample_heun, sde_grid
@@ -193,7 +196,8 @@ def _sde_grid(num_steps: int, t_range: tuple[float, float]) -> Tensor:
     return sde_grid(num_steps, t_max=t_range[1])
 
 
-# Defaults: 50 ODE steps (REPA previews / generate.py), 250 SDE steps (REPA FID protocol, spec section 9).
+# Defaults: 50 ODE steps (REPA previews / generate.py), 250 SDE steps (REPA FID protocol: README generate.py
+# --mode=sde --num-steps=250).
 SAMPLERS: dict[str, FlowSampler] = {
     "euler": FlowSampler(sample_euler, _ode_grid, 50),
     "heun": FlowSampler(sample_heun, _ode_grid, 50),
@@ -216,8 +220,36 @@ def _choose(registry, key: str, what: str):
     return registry[key]
 
 
+@dataclass
+class FlowConfig(ComponentConfig):
+    """Flow matching on interpolant paths (SiT transport, REPA loss.py)."""
+
+    path: str = "linear"
+    """Interpolant: linear, cosine or vp (t = 0 data, t = 1 noise)."""
+    prediction: str = "velocity"
+    """Network target: velocity, noise or score."""
+    weighting: str = "none"
+    """Loss weighting for noise/score predictions: none, velocity or likelihood."""
+    time_sampler: str = "uniform"
+    """Training time distribution: uniform or lognormal."""
+
+    def validate(self, cfg) -> None:
+        """Registered choices, and combinations SiT's transport allows."""
+        for key, table in (("path", PATHS), ("prediction", _ERRORS), ("weighting", WEIGHTINGS),
+                           ("time_sampler", TIME_SAMPLERS)):
+            check(getattr(self, key) in table, f"objective.flow.{key}", f"one of {sorted(table)}")
+        check(self.prediction != "velocity" or self.weighting == "none", "objective.flow.weighting",
+              "applies to noise/score predictions only (SiT transport.py); use none with prediction=velocity")
+        check(self.time_sampler != "lognormal" or self.path in _TIME_AT_RATIO, "objective.flow.time_sampler",
+              f"lognormal is defined for paths {sorted(_TIME_AT_RATIO)} (REPA loss.py); use uniform")
+
+
 class FlowObjective(Objective):
     """Flow matching on an interpolant path with velocity, noise or score prediction (SiT transport, REPA loss.py)."""
+
+    KEY = "flow"
+    Config = FlowConfig
+    LATENT_KINDS = ("continuous",)
 
     def __init__(self, path: str = "linear", prediction: str = "velocity", weighting: str = "none",
                  time_sampler: str = "uniform", label_dropout: float = 0.1, null_class: int | None = None,
@@ -232,10 +264,8 @@ class FlowObjective(Objective):
         self.time_sampler = _choose(TIME_SAMPLERS, time_sampler, "time_sampler")
         # Fail at construction rather than at the first step (private generator: the global RNG is untouched).
         self.time_sampler(1, self.path, (0.0, 1.0), "cpu", torch.Generator().manual_seed(0))
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         # null_class None = unconditional model: labels pass through unchanged and cfg_scale must stay 1.
-        self.label_dropout, self.null_class = label_dropout, null_class
+        super().__init__(Conditioning(null_class, label_dropout))
         self.train_range = self._time_range(train_eps, 1e-5 if path == "vp" else 1e-3)
         self.sample_range = self._time_range(sample_eps, 1e-3)
 
@@ -256,33 +286,35 @@ class FlowObjective(Objective):
     SAMPLERS = SAMPLERS
 
     @classmethod
-    def from_config(cls, ocfg, model) -> "FlowObjective":
-        """From a gen.config.ObjectiveConfig, for `model` (its null class)."""
-        return cls(path=ocfg.path, prediction=ocfg.prediction, weighting=ocfg.weighting,
-                   time_sampler=ocfg.time_sampler, label_dropout=ocfg.label_dropout, null_class=model.null_class)
+    def from_config(cls, cfg, model) -> FlowObjective:
+        """From cfg.objective.flow and cfg.cond, for `model` (its null class)."""
+        o = cfg.objective.flow
+        return cls(path=o.path, prediction=o.prediction, weighting=o.weighting, time_sampler=o.time_sampler,
+                   label_dropout=cfg.cond.label_dropout, null_class=model.null_class)
 
     def noised(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = alpha_t x0 + sigma_t noise on the path (the loss and SRA's teacher input)."""
         c = self.path.coefficients(t, x0)
         return c.alpha * x0 + c.sigma * noise
 
-    def loss(self, model, x0: Tensor, y: Tensor, *, taps=(), t: Tensor | None = None,
-             noise: Tensor | None = None, drop: Tensor | None = None) -> LossOutput:
+    def teacher_view(self, x0: Tensor, t: Tensor, noise: Tensor, u: Tensor, t_max: float) -> tuple[Tensor, Tensor]:
+        """SRA's teacher input: the same x0 and noise at t_t = clamp(t - u t_max, 0, 1) (SRA paper, method section;
+        vvvvvjdy/SRA SiT-SRA/loss.py)."""
+        t_t = (t - u.to(t.dtype) * t_max).clamp(0.0, 1.0)
+        return self.noised(x0, t_t, noise), t_t
+
+    def compute_loss(self, model, x0: Tensor, cond: Cond, *, taps: tuple[int, ...], t: Tensor,
+                     noise: Tensor) -> LossOutput:
         """Per-sample flow-matching loss: mean over non-batch dims of the (weighted) squared error."""
-        if t is None:
-            t = self.sample_time(x0.shape[0], device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        y = drop_labels(y, self.label_dropout, self.null_class, drop)
         c = self.path.coefficients(t, x0)
         x_t = self.noised(x0, t, noise)
-        out = model(x_t, t, y, taps=taps)
+        out = self.call(model, x_t, t, cond, taps=taps)
         pred = out.out[:, : x0.shape[1]]  # a learn_sigma head's extra channels are ignored
         pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 autocast output -> fp32 loss
         # Weights (noise/score only): Lambda_t = sigma det / alpha is SiT's drift variance (Path.drift_variance).
         weight = self.weighting(c.sigma * c.det / c.alpha, c.sigma)
         err = self.error(pred, x0, noise, c)
-        return LossOutput(loss=mean_flat(weight * err**2), x_t=x_t, t=t, noise=noise, y=y, feats=dict(out.feats))
+        return LossOutput(loss=mean_flat(weight * err**2), x_t=x_t, t=t, noise=noise, cond=cond, feats=dict(out.feats))
 
     def sample_options(self, scfg) -> dict:
         """`sample` keyword arguments from a gen.config.SamplerConfig (sampler, steps, CFG scale and interval)."""
@@ -291,7 +323,7 @@ class FlowObjective(Objective):
         return {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale,
                 "cfg_interval": tuple(scfg.cfg_interval)}
 
-    def sample(self, model_fn: Callable, noise: Tensor, y: Tensor, *, sampler: str = "euler_maruyama",
+    def sample(self, model_fn: Callable, noise: Tensor, cond, *, sampler: str = "euler_maruyama",
                num_steps: int | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
                generator: Generators = None, callback: Callable | None = None,
                **sampler_specific) -> Tensor:
@@ -299,12 +331,12 @@ class FlowObjective(Objective):
         spec = _choose(SAMPLERS, sampler, "sampler")
         if cfg_scale != 1.0 and self.null_class is None:
             raise ValueError("cfg_scale != 1 needs null_class (the model was built without an unconditional label)")
-        guided = with_cfg(model_fn, cfg_scale, self.null_class, cfg_interval)
+        guided = with_cfg(model_fn, cfg_scale, self.cond, cfg_interval)
         channels = noise.shape[1]
 
-        def velocity_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        def velocity_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
             """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed)."""
-            pred = guided(x, t, y)[:, :channels]
+            pred = guided(x, t, cond)[:, :channels]
             if self.prediction == "velocity":
                 return pred
             return self.path.convert(pred.double(), x.double(), t, self.prediction, "velocity")
@@ -312,4 +344,5 @@ class FlowObjective(Objective):
         ts = spec.grid(spec.default_steps if num_steps is None else num_steps, self.sample_range)
         if spec.stochastic:
             sampler_specific = dict(path=self.path, generator=generator, **sampler_specific)
-        return spec.solver(velocity_fn, noise, ts, extra_args={"y": y}, callback=callback, **sampler_specific)
+        return spec.solver(velocity_fn, noise, ts, extra_args={"cond": as_cond(cond)}, callback=callback,
+                           **sampler_specific)

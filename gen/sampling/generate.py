@@ -7,19 +7,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gen.cond import as_cond
 from gen.config import SamplerConfig
-from gen.sampling.guidance import network_fn
-from gen.sampling.noise import Generators, randn, sample_generators
+from gen.sampling.noise import Generators, sample_generators
 
 
 @torch.no_grad()
-def generate(model: nn.Module, objective, latent, labels: Tensor, noise: Tensor, scfg: SamplerConfig,
+def generate(model: nn.Module, objective, latent, cond, x_T: Tensor, scfg: SamplerConfig,
              generator: Generators = None, rounding: str = "round") -> Tensor:
-    """Sample latents from `noise` for `labels` with the configured sampler and CFG, decode to uint8 (N, 3, H, W)."""
+    """Sample from the prior draw `x_T` under `cond` (a Cond, or class labels) with the configured sampler and
+    guidance, and decode (images: uint8 (N, 3, H, W))."""
     was_training = model.training
     model.eval()
     try:
-        z = objective.sample(network_fn(model), noise, labels, generator=generator, **objective.sample_options(scfg))
+        z = objective.sample(objective.model_fn(model), x_T, as_cond(cond), generator=generator,
+                             **objective.sample_options(scfg))
     finally:
         model.train(was_training)
     return latent.decode(z.float(), rounding=rounding)
@@ -36,15 +38,15 @@ def sample_labels(num_samples: int, num_classes: int, scheme: str, seed: int) ->
 def generate_indexed(model: nn.Module, objective, latent, scfg: SamplerConfig, labels: np.ndarray,
                      indices: Sequence[int], seed: int, batch_size: int, rounding: str,
                      device) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Yield (global indices, uint8 images) for `indices` in batches; sample i depends only on (seed, i).
+    """Yield (global indices, decoded samples) for `indices` in batches; sample i depends only on (seed, i).
 
-    Its generator draws the initial noise and every SDE/DDPM noise, so the images are the same whatever the
+    Its generator draws the prior sample and every SDE/DDPM noise, so the samples are the same whatever the
     batch size or the split of indices over processes.
     """
     indices = np.asarray(indices, dtype=np.int64)
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         gens = sample_generators(seed, idx, device)
-        noise = randn((len(idx), *latent.shape), gens, device=device)
+        x_T = objective.prior(latent.shape, gens, device=device)
         y = torch.as_tensor(labels[idx], device=device)
-        yield idx, generate(model, objective, latent, y, noise, scfg, generator=gens, rounding=rounding)
+        yield idx, generate(model, objective, latent, y, x_T, scfg, generator=gens, rounding=rounding)

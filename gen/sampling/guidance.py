@@ -6,13 +6,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from gen.cond import Cond, Conditioning
 
-def with_cfg(model_fn: Callable, scale: float, null_class: int, interval: tuple[float, float] = (0.0, 1.0),
+
+def with_cfg(model_fn: Callable, scale: float, conditioning: Conditioning, interval: tuple[float, float] = (0.0, 1.0),
              channels: int | None = None) -> Callable:
-    """Wrap `model_fn(x, t, y)` with classifier-free guidance u + scale * (c - u) inside the t interval.
+    """Wrap `model_fn(x, t, cond)` with classifier-free guidance u + scale * (c - u) inside the t interval; the
+    unconditional branch sees `conditioning.null(cond)`.
 
-    Spec section 6: guidance applies to all latent channels unless `channels` limits it to the first `channels`
-    (the rest, e.g. DiT's variance outputs, come from the conditional branch); the batch is doubled exactly once
+    As in REPA samplers.py (DiT models.py forward_with_cfg guides 3 of 4 channels): guidance applies to all latent
+    channels unless `channels` limits it to the first `channels` (the rest, e.g. DiT's variance outputs, come from
+    the conditional branch); the batch is doubled exactly once
     and only for samples whose t lies in [lo, hi] (REPA's guidance interval, Kynkaanniemi et al. 2024); outside it
     only the conditional pass runs. scale == 1 is the conditional model itself.
     """
@@ -20,15 +24,14 @@ def with_cfg(model_fn: Callable, scale: float, null_class: int, interval: tuple[
         return model_fn
     lo, hi = interval
 
-    def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def guided(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Guided prediction; one network call on the batch plus its in-interval unconditional copies."""
         inside = (t >= lo) & (t <= hi)
         if not bool(inside.any()):
-            return model_fn(x, t, y)
+            return model_fn(x, t, cond)
         n = x.shape[0]
         sel = slice(None) if bool(inside.all()) else inside
-        out = model_fn(torch.cat([x, x[sel]]), torch.cat([t, t[sel]]),
-                       torch.cat([y, torch.full_like(y[sel], null_class)]))
+        out = model_fn(torch.cat([x, x[sel]]), torch.cat([t, t[sel]]), cond.cat(conditioning.null(cond.select(sel))))
         cond, uncond = out[:n], out[n:]
         k = cond.shape[1] if channels is None else channels
         result = cond.clone()
@@ -39,10 +42,10 @@ def with_cfg(model_fn: Callable, scale: float, null_class: int, interval: tuple[
 
 
 def network_fn(model: nn.Module, dtype: torch.dtype | None = None) -> Callable:
-    """`model_fn(x, t, y)` for a backbone: x cast to `dtype` (None keeps x's), t as float32, returns `.out`."""
+    """`model_fn(x, t, cond)` for a backbone: x cast to `dtype` (None keeps x's), t as float32, returns `.out`."""
 
-    def fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Raw network output for one batch (float32 t: bf16 cannot represent DDPM's integer 999 exactly)."""
-        return model(x if dtype is None else x.to(dtype), t.to(torch.float32), y).out
+        return model(x if dtype is None else x.to(dtype), t.to(torch.float32), cond).out
 
     return fn

@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 import train as train_job
 from align import ALIGNERS, ERW, AlignBatch
-from align.erw import default_coeff, default_erw_depth
-from align.trainee import Trainee
+from align.erw import DEFAULT_COEFF, DEFAULT_ERW_DEPTH
 from gen.checkpoint import latest_checkpoint
+from gen.cond import Cond
 from gen.config import ConfigError, load_config
 from gen.ema import EMA
-from gen.factory import build_backbone
-from gen.models import build_model
-from gen.objectives import FlowObjective
+from gen.models import build_backbone, build_model, model_size
+from gen.objectives import FlowObjective, build_objective
+from gen.step import StepDraws, Trainee
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -32,6 +32,11 @@ def tiny_erw(reuse=True, warmup_steps=5):
     return model, erw
 
 
+def uniform_only(n=N, **objective):
+    """A step's draws with only the aligners' uniforms (and any objective draws given); the rest from torch's RNG."""
+    return StepDraws(objective=objective, latent={}, uniform=torch.rand(n))
+
+
 def pinned(seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(N, C, INPUT, INPUT, generator=g), torch.randint(0, CLASSES, (N,), generator=g),
@@ -42,7 +47,7 @@ def test_warmup_loss_equals_formula():
     """0.5 * -(1/T) sum_i cos(P(h_2)_i, z_i), h_2 = two blocks run by hand on the clean x0 with t = 0."""
     model, erw = tiny_erw()
     x0, y, z = pinned()
-    batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), y=y, step=0,
+    batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), cond=Cond(y), step=0,
                        target_feats={"a": z})
     loss = erw.warmup_loss(model, batch)["loss"]
     with torch.no_grad():
@@ -62,7 +67,7 @@ def test_warmup_phase_trains_embedders_first_blocks_and_projector_only():
     trainee.set_phase("warmup")
     x0, y, z = pinned()
     drop = torch.tensor([True, False, False])
-    loss, logs = trainee(x0, y, 0, {"drop": drop}, target_feats={"a": z})
+    loss, logs = trainee(x0, Cond(y), 0, uniform_only(drop=drop), target_feats={"a": z})
     loss.mean().backward()
     assert set(logs) == {"erw/warmup", "erw/warmup/cos/a"}
     for name, p in trainee.named_parameters():
@@ -89,7 +94,7 @@ def test_transition_keeps_warm_weights_fresh_rest_resets_optimizer_and_ema(reuse
     wrapped, opt = train_job.prepare_step(accelerator, trainee, "warmup", 0, load_config(None, ["train.lr=1e-2"]))
     for step in range(3):
         x0, y, z = pinned(step)
-        wrapped(x0, y, step, {}, target_feats={"a": z})[0].mean().backward()
+        wrapped(x0, Cond(y), step, uniform_only(), target_feats={"a": z})[0].mean().backward()
         opt.step()
         opt.zero_grad()
         ema.update(model)
@@ -109,39 +114,39 @@ def test_transition_keeps_warm_weights_fresh_rest_resets_optimizer_and_ema(reuse
 
 
 def test_lambda_schedule_and_defaults():
-    cfg = load_config(None, ["model.name=SiT-XL/2", "align.methods=[erw]", "align.erw_warmup_steps=100000",
+    cfg = load_config(None, ["model.name=SiT-XL/2", "align.methods=[erw]", "align.erw.warmup_steps=100000",
                              "train.max_steps=300000"])
     model = build_model("SiT-XL/2", depth=15, hidden_size=32, num_heads=2, input_size=8, num_classes=10)
-    erw = ALIGNERS["erw"].from_config(cfg, model, cached_targets={"dinov2-vit-b"})
+    erw = ALIGNERS["erw"].from_config(cfg, model, build_objective(cfg, model), cached_targets={"dinov2-vit-b"})
     assert (erw.depth, erw.taps, erw.warm_depth, erw.warmup_steps) == (14, (14,), 4, 100_000)
     for k in (100_000, 150_000, 200_000, 123_457, 300_000):  # lambda(k) = c0 2^(-(k - W) / H), c0 = 6 for XL
         assert erw.weight(k) == pytest.approx(6.0 * 2 ** (-(k - 100_000) / 50_000), rel=1e-12)
     assert erw.weight(150_000) == pytest.approx(3.0) and erw.projectors[0][-1].out_features == 768
-    assert [default_coeff(f"SiT-{s}/2") for s in ("S", "B", "L", "XL")] == [1.0, 1.0, 3.0, 6.0]
-    assert [default_erw_depth(m) for m in ("SiT-B/2", "SiT-L/2", "SiT-XL/2", "DiT-XL/2")] == [4, 8, 14, 14]
+    assert [DEFAULT_COEFF[model_size(f"SiT-{s}/2")] for s in ("S", "B", "L", "XL")] == [1.0, 1.0, 3.0, 6.0]
+    assert [DEFAULT_ERW_DEPTH[model_size(m)] for m in ("SiT-B/2", "SiT-L/2", "SiT-XL/2", "DiT-XL/2")] == [4, 8, 14, 14]
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match=r"align.methods.*erw cannot train together with \['repa'\]"):
         load_config(None, ["align.methods=[repa,erw]"])
-    with pytest.raises(ConfigError, match="align.erw_warmup_steps"):
-        load_config(None, ["align.methods=[erw]", "train.max_steps=1000", "align.erw_warmup_steps=1001"])
-    with pytest.raises(ConfigError, match="align.erw_warm_depth"):
-        load_config(None, ["model.name=SiT-B/2", "align.methods=[erw]", "align.erw_warm_depth=13",
-                           "align.erw_warmup_steps=10"])
-    with pytest.raises(ConfigError, match="align.erw_half_life_steps"):
-        load_config(None, ["align.methods=[erw]", "align.erw_half_life_steps=0", "align.erw_warmup_steps=10"])
+    with pytest.raises(ConfigError, match="align.erw.warmup_steps"):
+        load_config(None, ["align.methods=[erw]", "train.max_steps=1000", "align.erw.warmup_steps=1001"])
+    with pytest.raises(ConfigError, match="align.erw.warm_depth"):
+        load_config(None, ["model.name=SiT-B/2", "align.methods=[erw]", "align.erw.warm_depth=13",
+                           "align.erw.warmup_steps=10"])
+    with pytest.raises(ConfigError, match="align.erw.half_life_steps"):
+        load_config(None, ["align.methods=[erw]", "align.erw.half_life_steps=0", "align.erw.warmup_steps=10"])
 
 
 def erw_args(assets, run_dir, *extra):
     vae, images, encoder = assets
-    return ["configs/quickstart.yaml", "model.name=SiT-S/2", "model.depth=3", "model.hidden_size=32",
-            "model.num_heads=2", "model.num_classes=2", "data.name=image_folder", f"data.path={images}",
-            "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}", "train.global_batch_size=8",
+    return ["configs/quickstart.yaml", "model.name=SiT-S/2", "model.dit.depth=3", "model.dit.hidden_size=32",
+            "model.dit.num_heads=2", "cond.num_classes=2", "data.name=image_folder", f"data.path={images}",
+            "data.image_size=32", "latent.name=sd-vae", f"latent.sd_vae.vae_path={vae}", "train.global_batch_size=8",
             "log.tracker=none", "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0",
-            f"train.run_dir={run_dir}", "align.methods=[erw]", "align.repa_encoders=[dinov2-vit-s]",
-            f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "align.erw_warmup_steps=2",
-            "align.erw_warm_depth=1", "align.erw_depth=2", "align.erw_coeff=1.0", "align.erw_half_life_steps=2",
+            f"train.run_dir={run_dir}", "align.methods=[erw]", "align.erw.encoders=[dinov2-vit-s]",
+            f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "align.erw.warmup_steps=2",
+            "align.erw.warm_depth=1", "align.erw.depth=2", "align.erw.coeff=1.0", "align.erw.half_life_steps=2",
             "train.ckpt_every_steps=2", *extra]
 
 
@@ -167,7 +172,7 @@ def test_one_command_runs_both_phases_and_resume_across_the_transition_is_exact(
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     back = load_config(REPO / erw_args(assets, tmp_path / "b")[0],
-                       [*erw_args(assets, tmp_path / "b")[1:], "train.max_steps=8", "align.erw_warmup_steps=6"])
+                       [*erw_args(assets, tmp_path / "b")[1:], "train.max_steps=8", "align.erw.warmup_steps=6"])
     with pytest.raises(ConfigError, match="past the warmup"):  # a full-phase checkpoint cannot go back to warmup
         train_job.train(back, resume=True)
     logs = records(tmp_path / "a")
@@ -199,7 +204,7 @@ def test_nt_xent_warmup_loss_equals_its_definition():
     model, _ = tiny_erw()
     erw = ERW(D, {"a": 24}, 3, warm_depth=2, warmup_steps=5, projector_dim=64, warmup_loss="nt_xent", temperature=0.2)
     x0, y, z = pinned()
-    batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), y=y, step=0,
+    batch = AlignBatch(x0=x0, x_t=x0, t=torch.zeros(N), noise=torch.zeros_like(x0), cond=Cond(y), step=0,
                        target_feats={"a": z})
     out = erw.warmup_loss(model, batch)
     with torch.no_grad():
@@ -213,14 +218,14 @@ def test_nt_xent_warmup_loss_equals_its_definition():
     torch.testing.assert_close(out["loss"].double(), 0.5 * expected, rtol=1e-5, atol=1e-6)
     cos = torch.cosine_similarity(p, z.double(), dim=-1).mean()
     torch.testing.assert_close(out["cos/a"].double(), cos, rtol=1e-5, atol=1e-6)  # the log stays the cosine
-    with pytest.raises(ConfigError, match="align.erw_warmup_loss"):
-        load_config(None, ["align.methods=[erw]", "align.erw_warmup_steps=10", "align.erw_warmup_loss=infonce"])
+    with pytest.raises(ConfigError, match="align.erw.warmup_loss"):
+        load_config(None, ["align.methods=[erw]", "align.erw.warmup_steps=10", "align.erw.warmup_loss=infonce"])
 
 
 def test_erw_on_dit_with_ddpm_runs_both_phases(tmp_path, assets):
     """The warmup feeds DDPM's step 0 (the objective's t = 0); afterwards DiT's hybrid loss plus REPA."""
     args = erw_args(assets, tmp_path / "run", "train.max_steps=3", "model.name=DiT-S/2", "objective.name=ddpm",
-                    "sampler.sampler=ddim", "align.erw_warmup_steps=1")
+                    "sampler.sampler=ddim", "align.erw.warmup_steps=1")
     ckpt = train_job.train(load_config(REPO / args[0], args[1:]))
     logs = records(tmp_path / "run")
     assert [("erw/warmup" in r, "erw" in r and "denoise" in r) for r in logs] == [(True, False)] + [(False, True)] * 2
@@ -231,7 +236,7 @@ def test_erw_on_dit_with_ddpm_runs_both_phases(tmp_path, assets):
 def test_train_redraws_the_projector_at_the_transition_unless_reused(tmp_path, assets, reuse):
     """One Adam step after the transition moves each weight by at most lr (1e-3): from the warm projector, or from
     a fresh xavier draw of the generator seeded with train.seed."""
-    args = erw_args(assets, tmp_path / "run", "train.max_steps=3", f"align.erw_reuse_projector={str(reuse).lower()}")
+    args = erw_args(assets, tmp_path / "run", "train.max_steps=3", f"align.erw.reuse_projector={str(reuse).lower()}")
     train_job.train(load_config(REPO / args[0], args[1:]))
     warm, after = (load_file(str(tmp_path / "run" / "checkpoints" / f"step-0000000{k}" / "model.safetensors"))
                    for k in (2, 3))

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 
 from align import ALIGNERS, REPA, AlignBatch, WeightSchedule, build_encoder
 from align.encoders import ENCODERS, create_encoder_model
-from align.repa import default_depth
+from align.repa import DEFAULT_DEPTH
 from gen.config import ConfigError, load_config
-from gen.models import build_model
+from gen.models import build_model, model_size
 from gen.models.official import load_official
-from gen.objectives import FlowObjective
+from gen.objectives import FlowObjective, build_objective
 
 N, C, INPUT, D, CLASSES, DEPTH = 3, 4, 8, 32, 10, 2  # tiny SiT: 4 blocks, 4 x 4 = 16 tokens, aligned after block 2
 T = (INPUT // 2) ** 2
@@ -150,7 +150,8 @@ def test_projector_init_and_depth_defaults():
     bound = (6 / (64 + 64)) ** 0.5  # xavier-uniform bound of the middle layer
     assert linears[1].weight.abs().max() <= bound and linears[1].weight.abs().max() > 0.9 * bound
     # Spec 1.2: B 4, L 8, XL 8; S chosen 4; DiT-XL/2 8 assumed.
-    assert [default_depth(m) for m in ("SiT-S/2", "SiT-B/2", "SiT-L/2", "SiT-XL/2", "DiT-XL/2")] == [4, 4, 8, 8, 8]
+    models = ("SiT-S/2", "SiT-B/2", "SiT-L/2", "SiT-XL/2", "DiT-XL/2")
+    assert [DEFAULT_DEPTH[model_size(m)] for m in models] == [4, 4, 8, 8, 8]
     assert ALIGNERS["repa"] is REPA and repa.taps == (DEPTH,)
 
 
@@ -172,32 +173,35 @@ def test_from_config_builds_encoders_unless_cached(tmp_path):
     torch.manual_seed(0)
     full = create_encoder_model(ENCODERS["dinov2-vit-s"], 37)
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "vits.safetensors"))
-    cfg = load_config(None, ["model.name=SiT-S/2", "model.depth=4", "model.hidden_size=32", "model.num_heads=2",
-                             "data.image_size=64", "align.methods=[repa]", "align.repa_encoders=[dinov2-vit-s]",
-                             "align.repa_depth=2", "align.repa_stop_step=1000",
+    cfg = load_config(None, ["model.name=SiT-S/2", "model.dit.depth=4", "model.dit.hidden_size=32",
+                             "model.dit.num_heads=2", "data.image_size=64", "align.methods=[repa]",
+                             "align.repa.encoders=[dinov2-vit-s]",
+                             "align.repa.depth=2", "align.repa.stop_step=1000",
                              f"align.encoder_weights.dinov2-vit-s={tmp_path / 'vits.safetensors'}"])
     model = tiny_sit()
-    repa = ALIGNERS["repa"].from_config(cfg, model)
+    objective = build_objective(cfg, model)
+    repa = ALIGNERS["repa"].from_config(cfg, model, objective)
     assert repa.needs_pixels and repa.encoders["dinov2-vit-s"].num_tokens == T and repa.weight(1000) == 0.0
     assert repa.projectors[0][-1].out_features == 384
     assert all(k.startswith("projectors.") for k in repa.state_dict())  # the encoder is never checkpointed
     pixels = torch.randint(0, 256, (N, 3, 64, 64), dtype=torch.uint8)
     assert student_step(model, repa, pixels=pixels)[1]["loss"].shape == (N,)
-    cached = ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s"})
+    cached = ALIGNERS["repa"].from_config(cfg, model, objective, cached_targets={"dinov2-vit-s"})
     assert not cached.needs_pixels and cached.projectors[0][-1].out_features == 384
-    fitting = ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s": (T, 384)})
+    fitting = ALIGNERS["repa"].from_config(cfg, model, objective, cached_targets={"dinov2-vit-s": (T, 384)})
     assert not fitting.needs_pixels
     for shape in ((T + 1, 384), (T, 768)):  # a cache made for another grid, or by another encoder width
         with pytest.raises(ConfigError, match="data.path.*do not fit"):
-            ALIGNERS["repa"].from_config(cfg, model, cached_targets={"dinov2-vit-s": shape})
+            ALIGNERS["repa"].from_config(cfg, model, objective, cached_targets={"dinov2-vit-s": shape})
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="align.repa_depth"):
-        load_config(None, ["model.name=SiT-B/2", "align.methods=[repa]", "align.repa_depth=13"])
-    with pytest.raises(ConfigError, match="align.repa_encoders"):
-        load_config(None, ["align.methods=[repa]", "align.repa_encoders=[dinov3-vit-b]"])
+    with pytest.raises(ConfigError, match="align.repa.depth"):
+        load_config(None, ["model.name=SiT-B/2", "align.methods=[repa]", "align.repa.depth=13"])
+    with pytest.raises(ConfigError, match="align.repa.encoders"):
+        load_config(None, ["align.methods=[repa]", "align.repa.encoders=[dinov3-vit-b]"])
     with pytest.raises(ConfigError, match="align.methods"):
         load_config(None, ["align.methods=[repa,repa]"])
     cfg = load_config(None, ["align.methods=[repa]"])
-    assert (cfg.align.repa_encoders, cfg.align.repa_coeff, cfg.align.repa_projector_dim) == (["dinov2-vit-b"], 0.5, 2048)
+    repa = cfg.align.repa
+    assert (repa.encoders, repa.coeff, repa.projector_dim) == (["dinov2-vit-b"], 0.5, 2048)

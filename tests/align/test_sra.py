@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 import train as train_job
 from align import ALIGNERS, SRA, AlignBatch
 from align.sra import default_pair
-from align.trainee import Trainee
-from gen.config import ConfigError, load_config
+from gen.cond import Cond
+from gen.config import ConfigError, default_config, load_config
 from gen.ema import EMA
 from gen.models import build_model
-from gen.objectives import DDPMObjective, FlowObjective
+from gen.objectives import DDPMObjective, FlowObjective, Objective
+from gen.step import StepDraws, Trainee
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -43,14 +44,14 @@ def setup(objective=None, **kw):
     ema = EMA(model, 0.99)
     randomize(ema.model, 5)  # a teacher that differs from the student
     objective = objective or FlowObjective(null_class=model.null_class)
-    sra = SRA(D, STUDENT, TEACHER, objective, "ddpm" if isinstance(objective, DDPMObjective) else "flow", **kw)
+    sra = SRA(D, STUDENT, TEACHER, **kw)  # the teacher view comes from the objective, per batch
     return model, ema, objective, sra, Trainee(model, objective, {"sra": sra}, teacher=ema.model)
 
 
 def align_batch(trainee, objective, sra, seed=1, drop=None, step=0):
     x0, y, draws = pinned(seed, drop)
     out = objective.loss(trainee.model, x0, y, taps=sra.taps, **draws)
-    return out, AlignBatch.from_loss(out, x0, step, teacher=trainee._teacher_feats)
+    return out, AlignBatch.from_loss(out, x0, step, teacher=trainee._teacher_feats, objective=objective)
 
 
 def test_teacher_gets_no_gradient_while_head_and_lower_blocks_do():
@@ -64,7 +65,7 @@ def test_teacher_gets_no_gradient_while_head_and_lower_blocks_do():
     assert all(p.grad is None and not p.requires_grad for p in ema.model.parameters())
     # The whole trainee step (denoise + SRA) leaves the teacher untouched as well.
     x0, y, draws = pinned()
-    trainee(x0, y, 0, draws)[0].mean().backward()
+    trainee(x0, y, 0, StepDraws(objective=draws, latent={}, uniform=torch.rand(N)))[0].mean().backward()
     assert all(p.grad is None for p in ema.model.parameters())
 
 
@@ -93,15 +94,15 @@ def test_teacher_sees_student_post_dropout_labels_and_a_less_noisy_input():
     model, _, objective, sra, trainee = setup()
     seen = {}
 
-    def spy(x_t, t, y, layer):
-        seen.update(x_t=x_t, t=t, y=y, layer=layer)
-        return trainee._teacher_feats(x_t, t, y, layer)
+    def spy(x_t, t, cond, layer):
+        seen.update(x_t=x_t, t=t, y=cond.labels, layer=layer)
+        return trainee._teacher_feats(x_t, t, cond, layer)
 
     drop = torch.tensor([True, False, True, False])
     out, batch = align_batch(trainee, objective, sra, drop=drop)
     batch.teacher = spy
     sra(out.feats, batch)
-    assert torch.equal(seen["y"], out.y) and seen["layer"] == TEACHER
+    assert torch.equal(seen["y"], out.cond.labels) and seen["layer"] == TEACHER
     assert (seen["y"][drop] == model.null_class).all() and (seen["y"][~drop] != model.null_class).all()
     expected = objective.noised(batch.x0, seen["t"], batch.noise)  # same x0 and noise, teacher time
     torch.testing.assert_close(seen["x_t"], expected)
@@ -116,8 +117,9 @@ def test_teacher_time_is_earlier_by_at_most_t_max_and_reproducible(kind):
     t = objective.sample_time(n, generator=g)
     x0 = torch.zeros(n, 1)
     u = torch.rand(n, generator=g)
-    batch = AlignBatch(x0=x0, x_t=x0, t=t, noise=x0, y=torch.zeros(n, dtype=torch.long), step=3, uniform=u)
-    t_t = sra.teacher_time(t, sra.draw_u(batch))
+    batch = AlignBatch(x0=x0, x_t=x0, t=t, noise=x0, cond=Cond(torch.zeros(n, dtype=torch.long)), step=3,
+                       objective=objective, uniform=u)
+    _, t_t = objective.teacher_view(x0, t, x0, sra.draw_u(batch), sra.t_max)  # the teacher time SRA uses
     span = 1.0 if kind == "flow" else objective.num_timesteps
     gap = t.double() - t_t.double()
     assert (gap >= 0).all() and (gap <= 0.2 * span + 1e-6).all() and gap.max() > 0.15 * span
@@ -130,11 +132,11 @@ def test_teacher_time_is_earlier_by_at_most_t_max_and_reproducible(kind):
 @pytest.mark.parametrize("loss", ["cosine", "smooth_l1"])
 def test_loss_equals_formula_on_pinned_inputs(loss):
     torch.manual_seed(0)
-    sra = SRA(D, 1, 2, FlowObjective(null_class=CLASSES), "flow", loss=loss)
+    sra = SRA(D, 1, 2, loss=loss)
     h_s, h_t = torch.randn(N, 16, D), torch.randn(N, 16, D)
     batch = AlignBatch(x0=torch.zeros(N, C, INPUT, INPUT), x_t=None, t=torch.rand(N),
-                       noise=torch.zeros(N, C, INPUT, INPUT), y=torch.zeros(N, dtype=torch.long), step=0,
-                       teacher=lambda x_t, t, y, layer: h_t)
+                       noise=torch.zeros(N, C, INPUT, INPUT), cond=Cond(torch.zeros(N, dtype=torch.long)), step=0,
+                       teacher=lambda x_t, t, cond, layer: h_t, objective=FlowObjective(null_class=CLASSES))
     got = sra({1: h_s}, batch)
     pred = sra.head(h_s)
     if loss == "cosine":
@@ -148,46 +150,64 @@ def test_loss_equals_formula_on_pinned_inputs(loss):
     torch.testing.assert_close(got["cos"], F.cosine_similarity(pred, h_t, dim=-1).mean())
 
 
+def pair_of(model_name):
+    """SRA's default (student, teacher) layers for a registered backbone at its published depth."""
+    cfg = default_config()
+    cfg.model.name = model_name
+    return default_pair(cfg)
+
+
+class NoTeacherView(FlowObjective):
+    """An objective without a teacher view (the contract's default), e.g. one SRA has no teacher time for."""
+
+    teacher_view = Objective.teacher_view
+
+
 def test_head_init_and_layer_defaults():
-    sra = SRA(D, 1, 2, FlowObjective(), "flow")
+    sra = SRA(D, 1, 2)
     assert [tuple(m.weight.shape) for m in sra.head[::2]] == [(2 * D, D), (D, 2 * D)]
     assert all((m.bias == 0).all() for m in sra.head[::2])
-    assert default_pair("SiT-XL/2") == (8, 20) and default_pair("SiT-B/2") == (3, 8)
-    assert default_pair("SiT-L/2") == (6, 16) and default_pair("DiT-XL/2") == (8, 16)
-    assert default_pair("SiT-S/4") == (3, 8) and ALIGNERS["sra"] is SRA
-    with pytest.raises(ValueError, match="teacher time"):
-        SRA(D, 1, 2, FlowObjective(), "edm")
+    assert pair_of("SiT-XL/2") == (8, 20) and pair_of("SiT-B/2") == (3, 8)
+    assert pair_of("SiT-L/2") == (6, 16) and pair_of("DiT-XL/2") == (8, 16)
+    assert pair_of("SiT-S/4") == (3, 8) and ALIGNERS["sra"] is SRA
+    cfg = load_config(None, ["model.name=SiT-S/2", "model.dit.depth=4", "model.dit.hidden_size=32",
+                             "model.dit.num_heads=2", "cond.num_classes=10", "align.methods=[sra]",
+                             f"align.sra.student_layer={STUDENT}", f"align.sra.teacher_layer={TEACHER}"])
+    model = tiny_sit()
+    with pytest.raises(ValueError, match="teacher view"):
+        SRA.from_config(cfg, model, NoTeacherView(null_class=CLASSES))
 
 
 def test_config_validation():
     base = REPO / "configs" / "quickstart_sra.yaml"
     cfg = load_config(base)
-    assert (cfg.align.sra_student_layer, cfg.align.sra_teacher_layer) == (2, 4) and cfg.align.sra_t_max == 0.2
-    with pytest.raises(ConfigError, match="align.sra_teacher_layer"):
-        load_config(base, ["align.sra_teacher_layer=7"])
-    with pytest.raises(ConfigError, match="align.sra_teacher_layer"):  # depth 6: the S default 3 -> 8 does not fit
-        load_config(base, ["align.sra_student_layer=null", "align.sra_teacher_layer=null"])
-    with pytest.raises(ConfigError, match="align.sra_student_layer"):
-        load_config(base, ["align.sra_student_layer=0"])
-    with pytest.raises(ConfigError, match="align.sra_coeff"):
-        load_config(base, ["align.sra_coeff=-1"])
-    with pytest.raises(ConfigError, match="align.sra_loss"):
-        load_config(base, ["align.sra_loss=l2"])
-    with pytest.raises(ConfigError, match="align.sra_t_max"):
-        load_config(base, ["align.sra_t_max=1.5"])
+    assert (cfg.align.sra.student_layer, cfg.align.sra.teacher_layer) == (2, 4) and cfg.align.sra.t_max == 0.2
+    with pytest.raises(ConfigError, match="align.sra.teacher_layer"):
+        load_config(base, ["align.sra.teacher_layer=7"])
+    with pytest.raises(ConfigError, match="align.sra.teacher_layer"):  # depth 6: the S default 3 -> 8 does not fit
+        load_config(base, ["align.sra.student_layer=null", "align.sra.teacher_layer=null"])
+    with pytest.raises(ConfigError, match="align.sra.student_layer"):
+        load_config(base, ["align.sra.student_layer=0"])
+    with pytest.raises(ConfigError, match="align.sra.coeff"):
+        load_config(base, ["align.sra.coeff=-1"])
+    with pytest.raises(ConfigError, match="align.sra.loss"):
+        load_config(base, ["align.sra.loss=l2"])
+    with pytest.raises(ConfigError, match="align.sra.t_max"):
+        load_config(base, ["align.sra.t_max=1.5"])
 
 
 @pytest.mark.parametrize("model,objective", [("SiT-S/2", "flow"), ("DiT-S/2", "ddpm")])
 def test_sra_and_repa_train_together(tmp_path, assets, monkeypatch, model, objective):
     vae, images, encoder = assets
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        f"model.name={model}", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.num_classes=2",
+        f"model.name={model}", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+        "cond.num_classes=2",
         "data.name=image_folder", f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
-        f"latent.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=2", "log.tracker=none",
+        f"latent.sd_vae.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=2", "log.tracker=none",
         "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0", f"train.run_dir={tmp_path / 'run'}",
-        "align.methods=[repa,sra]", "align.repa_encoders=[dinov2-vit-s]",
-        f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "align.repa_depth=1", "align.sra_student_layer=1",
-        "align.sra_teacher_layer=2", f"objective.name={objective}",
+        "align.methods=[repa,sra]", "align.repa.encoders=[dinov2-vit-s]",
+        f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "align.repa.depth=1", "align.sra.student_layer=1",
+        "align.sra.teacher_layer=2", f"objective.name={objective}",
         "sampler.sampler=" + ("heun" if objective == "flow" else "ddim")])
     made = {}
 

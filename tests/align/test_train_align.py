@@ -14,12 +14,14 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 def repa_config(run_dir, assets, model, *extra):
     vae, images, encoder = assets
     return load_config(REPO / "configs" / "quickstart.yaml", [
-        f"model.name={model}", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.num_classes=2",
+        f"model.name={model}", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+        "cond.num_classes=2",
         "data.name=image_folder", f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
-        f"latent.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=3", "log.tracker=none",
+        f"latent.sd_vae.vae_path={vae}", "train.global_batch_size=8", "train.max_steps=3", "log.tracker=none",
         "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0", f"train.run_dir={run_dir}",
-        "align.methods=[repa]", "align.repa_encoders=[dinov2-vit-s]", f"align.encoder_weights={{dinov2-vit-s: {encoder}}}",
-        "align.repa_depth=1", *extra])
+        "align.methods=[repa]", "align.repa.encoders=[dinov2-vit-s]",
+        f"align.encoder_weights={{dinov2-vit-s: {encoder}}}",
+        "align.repa.depth=1", *extra])
 
 
 @pytest.mark.parametrize("model,objective", [("SiT-S/2", "flow"), ("DiT-S/2", "ddpm")])
@@ -41,7 +43,7 @@ def test_repa_trains_on_sit_and_dit(tmp_path, assets, model, objective):
 def test_repa_from_a_latent_cache_without_features_is_refused(tmp_path, assets):
     vae, images, _ = assets
     result = run_job("prepare.py", ["configs/quickstart.yaml", "data.name=image_folder", f"data.path={images}",
-                                    "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}",
+                                    "data.image_size=32", "latent.name=sd-vae", f"latent.sd_vae.vae_path={vae}",
                                     "--out", tmp_path / "cache"])
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = repa_config(tmp_path / "run", assets, "SiT-S/2", "data.name=latent_cache", f"data.path={tmp_path / 'cache'}")
@@ -56,7 +58,7 @@ def test_repa_from_cached_features_runs_no_encoder_and_matches_online(tmp_path, 
     vae, images, encoder = assets
     result = run_job("prepare.py", ["configs/quickstart.yaml", "model.name=SiT-S/2", "data.name=image_folder",
                                     f"data.path={images}", "data.image_size=32", "latent.name=sd-vae",
-                                    f"latent.vae_path={vae}", "data.cache_features=[dinov2-vit-s]",
+                                    f"latent.sd_vae.vae_path={vae}", "data.cache_features=[dinov2-vit-s]",
                                     f"align.encoder_weights={{dinov2-vit-s: {encoder}}}", "--out", tmp_path / "cache"])
     assert result.returncode == 0, result.stderr[-2000:]
     online = repa_config(tmp_path / "online", assets, "SiT-S/2", "data.hflip=false")

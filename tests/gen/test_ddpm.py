@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gen.cond import Cond
 from gen.models import BackboneOutput, build_model
 from gen.objectives.ddpm import (
     DDPMObjective,
@@ -54,8 +55,8 @@ class FixedOutput(nn.Module):
         super().__init__()
         self.out = nn.Parameter(out.clone())
 
-    def forward(self, x, t, y, taps=()):
-        self.seen = (x, t, y, taps)
+    def forward(self, x, t, cond, taps=(), stop_at=None):
+        self.seen = (x, t, cond, taps)
         return BackboneOutput(self.out, {})
 
 
@@ -199,7 +200,7 @@ def test_vb_term_is_zero_for_the_true_posterior_and_decoder_nll_is_exact_at_t0()
 
 def test_hybrid_loss_value_and_gradient_routing():
     """VB (in bits/dim, on the detached mean) trains only v; the eps MSE trains only eps."""
-    obj = DDPMObjective(label_dropout=1.0, null_class=10)
+    obj = DDPMObjective(null_class=10)
     g = torch.Generator().manual_seed(3)
     n, c = 4, 2
     x0 = torch.randn(n, c, 3, 3, generator=g, dtype=torch.float64)
@@ -207,10 +208,11 @@ def test_hybrid_loss_value_and_gradient_routing():
     raw = torch.randn(n, 2 * c, 3, 3, generator=g, dtype=torch.float64) * 0.5
     t = torch.tensor([5, 80, 400, 990])
     model = FixedOutput(raw)
-    out = obj.loss(model, x0, torch.arange(n), t=t, noise=noise)
-    assert out.y.tolist() == [10] * n and out.t.dtype == torch.long  # post-dropout labels are returned
+    # Every label dropped (Conditioning refuses label_dropout=1.0: the step's dropout mask pins it instead).
+    out = obj.loss(model, x0, torch.arange(n), t=t, noise=noise, drop=torch.ones(n, dtype=torch.bool))
+    assert out.cond.labels.tolist() == [10] * n and out.t.dtype == torch.long  # post-dropout labels are returned
     x_seen, t_seen, y_seen, _ = model.seen  # the network saw x_t, float(t) and the dropped labels
-    assert t_seen.dtype == torch.float32 and t_seen.tolist() == t.tolist() and y_seen.tolist() == [10] * n
+    assert t_seen.dtype == torch.float32 and t_seen.tolist() == t.tolist() and y_seen.labels.tolist() == [10] * n
     assert torch.equal(x_seen, out.x_t)
     out.loss.sum().backward()
 
@@ -321,16 +323,17 @@ def test_cfg_guides_only_eps_channels_and_maps_the_interval():
     w = torch.linspace(-1, 1, null + 1, dtype=torch.float64)
     calls = []
 
-    def raw(x, t, y):
-        """A label-dependent 'network' with 2C outputs: eps and v both move with y."""
+    def raw(x, t, cond):
+        """A label-dependent 'network' with 2C outputs: eps and v both move with the label (model_fn gets a Cond)."""
+        y = cond.labels
         calls.append((t.clone(), y.clone()))
         k = w[y].view(-1, 1, 1, 1)
         eps = 0.1 * x + k
         return torch.cat([eps, torch.tanh(k + 0 * x)], dim=1)
 
     def manual(guide_channels):
-        def fn(x, t, y):
-            cond, unc = raw(x, t, y), raw(x, t, torch.full_like(y, null))
+        def fn(x, t, c):
+            cond, unc = raw(x, t, c), raw(x, t, Cond(torch.full_like(c.labels, null)))
             mixed = unc + scale * (cond - unc)
             return torch.cat([mixed[:, :guide_channels], cond[:, guide_channels:]], dim=1)
 

@@ -36,7 +36,8 @@ class Affine(nn.Module):
 
 
 def closed_form(name, t):
-    """(alpha, sigma, d_alpha, d_sigma) written out from spec section 3, independent of flow.py."""
+    """(alpha, sigma, d_alpha, d_sigma) written out from SiT transport/path.py (ICPlan,
+    GVPCPlan, VPCPlan) under t = 1 - s, independent of flow.py."""
     if name == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if name == "cosine":
@@ -201,12 +202,12 @@ def test_label_dropout_rate_and_reported_labels():
     y = torch.randint(0, null, (n,))
     torch.manual_seed(0)
     out = obj.loss(model, torch.zeros(n, 1, 1, 1), y)
-    dropped = out.y == null
+    dropped = out.cond.labels == null
     assert abs(dropped.float().mean().item() - 0.3) < 0.015  # 4.6 standard errors
-    assert torch.equal(out.y[~dropped], y[~dropped])
-    assert torch.equal(model.calls[0]["y"], out.y)  # the model saw exactly the reported labels
+    assert torch.equal(out.cond.labels[~dropped], y[~dropped])
+    assert torch.equal(model.calls[0]["y"].labels, out.cond.labels)  # the model saw exactly the reported labels
     kept = FlowObjective(label_dropout=0.0, null_class=null).loss(model, torch.zeros(n, 1, 1, 1), y)
-    assert torch.equal(kept.y, y)
+    assert torch.equal(kept.cond.labels, y)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

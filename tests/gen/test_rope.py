@@ -199,12 +199,12 @@ def test_bf16_attention_keeps_its_dtype():
 
 
 def test_config_switch_reaches_the_model():
-    from gen.config import Config
-    from gen.factory import build_backbone
+    from gen.config import default_config
+    from gen.models import build_backbone
 
-    cfg = Config()
-    cfg.model.name, cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads = "SiT-S/2", 1, 32, 2
-    assert cfg.model.rope is False
+    cfg = default_config()
+    cfg.model.name, cfg.model.dit.depth, cfg.model.dit.hidden_size, cfg.model.dit.num_heads = "SiT-S/2", 1, 32, 2
+    assert cfg.model.dit.rope is False
     assert build_backbone(cfg, (4, 8, 8)).blocks[0].attn.rope is None
-    cfg.model.rope = True
+    cfg.model.dit.rope = True
     assert build_backbone(cfg, (4, 8, 8)).blocks[0].attn.rope is not None

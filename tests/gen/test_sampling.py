@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gen.cond import Cond, Conditioning
 from gen.objectives.flow import PATHS, FlowObjective
 from gen.sampling import (
     network_fn,
@@ -150,9 +151,9 @@ def test_euler_maruyama_per_sample_generators_make_samples_batch_independent():
     assert not torch.allclose(batch[0], batch[2])
 
 
-def labelled(x, t, y):
-    """A fake model_fn whose output depends on x, t and the label (4 channels)."""
-    return x * (y.view(-1, 1, 1, 1).to(x.dtype) + 1) + t.view(-1, 1, 1, 1).to(x.dtype)
+def labelled(x, t, cond):
+    """A fake model_fn whose output depends on x, t and the label (4 channels); model_fns receive a Cond."""
+    return x * (cond.labels.view(-1, 1, 1, 1).to(x.dtype) + 1) + t.view(-1, 1, 1, 1).to(x.dtype)
 
 
 NULL = 9
@@ -160,22 +161,22 @@ NULL = 9
 
 def test_cfg_scale_one_is_the_conditional_model():
     fn = Recorder(labelled)
-    assert with_cfg(fn, 1.0, NULL) is fn
-    x, t, y = torch.randn(3, 4, 2, 2), torch.full((3,), 0.5), torch.tensor([0, 1, 2])
-    torch.testing.assert_close(with_cfg(fn, 1.0, NULL)(x, t, y), labelled(x, t, y))
-    assert all((c["y"] != NULL).all() for c in fn.calls)
+    assert with_cfg(fn, 1.0, Conditioning(NULL)) is fn
+    x, t, y = torch.randn(3, 4, 2, 2), torch.full((3,), 0.5), Cond(torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(with_cfg(fn, 1.0, Conditioning(NULL))(x, t, y), labelled(x, t, y))
+    assert all((c["y"].labels != NULL).all() for c in fn.calls)
 
 
 @pytest.mark.parametrize("channels", [None, 3])
 def test_cfg_mixes_the_guided_channels_inside_the_interval(channels):
     fn = Recorder(labelled)
-    guided = with_cfg(fn, 2.5, NULL, interval=(0.2, 0.7), channels=channels)
-    x, y = torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 3])
+    guided = with_cfg(fn, 2.5, Conditioning(NULL), interval=(0.2, 0.7), channels=channels)
+    x, y = torch.randn(4, 4, 2, 2), Cond(torch.tensor([0, 1, 2, 3]))
     t = torch.tensor([0.1, 0.2, 0.5, 0.9])  # outside, boundary (inside), inside, outside
     out = guided(x, t, y)
     assert len(fn.calls) == 1 and fn.calls[0]["x"].shape[0] == 4 + 2  # the two in-interval samples, once
-    assert fn.calls[0]["y"][4:].tolist() == [NULL, NULL]
-    c, u = labelled(x, t, y), labelled(x, t, torch.full_like(y, NULL))
+    assert fn.calls[0]["y"].labels[4:].tolist() == [NULL, NULL]
+    c, u = labelled(x, t, y), labelled(x, t, Cond(torch.full_like(y.labels, NULL)))
     k = 4 if channels is None else channels
     expected = c.clone()
     inside = torch.tensor([False, True, True, False])
@@ -186,13 +187,13 @@ def test_cfg_mixes_the_guided_channels_inside_the_interval(channels):
 
 def test_cfg_batch_doubles_exactly_once_inside_and_never_outside():
     fn = Recorder(labelled)
-    guided = with_cfg(fn, 1.8, NULL, interval=(0.0, 0.7))
-    x, y = torch.randn(5, 4, 2, 2), torch.arange(5)
+    guided = with_cfg(fn, 1.8, Conditioning(NULL), interval=(0.0, 0.7))
+    x, y = torch.randn(5, 4, 2, 2), Cond(torch.arange(5))
     out = guided(x, torch.full((5,), 0.9), y)
-    assert fn.calls[-1]["x"].shape[0] == 5 and (fn.calls[-1]["y"] != NULL).all()
+    assert fn.calls[-1]["x"].shape[0] == 5 and (fn.calls[-1]["y"].labels != NULL).all()
     torch.testing.assert_close(out, labelled(x, torch.full((5,), 0.9), y))
     guided(x, torch.full((5,), 0.3), y)
-    assert fn.calls[-1]["x"].shape[0] == 10 and fn.calls[-1]["y"][5:].eq(NULL).all()
+    assert fn.calls[-1]["x"].shape[0] == 10 and fn.calls[-1]["y"].labels[5:].eq(NULL).all()
     assert len(fn.calls) == 2
 
 
@@ -215,7 +216,7 @@ class Probe(nn.Module):
 def test_network_fn_casts_x_and_time(dtype):
     probe = Probe()
     fn = network_fn(probe, dtype)
-    x, y = torch.randn(2, 4, 2, 2, dtype=F64), torch.tensor([1, 2])
+    x, y = torch.randn(2, 4, 2, 2, dtype=F64), Cond(torch.tensor([1, 2]))
     out = fn(x, torch.tensor([999.0, 0.5], dtype=F64), y)
     assert probe.seen[0] == (F64 if dtype is None else dtype) and probe.seen[1] == torch.float32
     assert probe.seen[2] is y and out.shape == x.shape
@@ -251,7 +252,7 @@ def test_objective_guides_with_the_interval():
     g = torch.Generator().manual_seed(0)
     targets = torch.randn(NULL + 1, 2, 4, 4, generator=g, dtype=F64)
     y = torch.tensor([0, 3, 5])
-    fn = Recorder(lambda x, t, y: point_mass(targets[y])(x, t))
+    fn = Recorder(lambda x, t, cond: point_mass(targets[cond.labels])(x, t))
     noise = torch.randn(3, 2, 4, 4, generator=g, dtype=F64)
     guided_target = targets[NULL] + 1.8 * (targets[y] - targets[NULL])
     out = obj.sample(fn, noise, y, sampler="euler", num_steps=10, cfg_scale=1.8, cfg_interval=(0.0, 0.5))

@@ -6,17 +6,19 @@ import torch
 from helpers import REPO
 
 from align.encoders import ENCODERS
-from align.trainee import Trainee, build_aligners
-from gen.config import Config, ConfigError, describe, field_docs, load_config
+from gen.cond import Cond
+from gen.config import ConfigError, default_config, describe, field_docs, load_config
 from gen.ema import EMA
-from gen.factory import build_backbone, build_objective
+from gen.models import build_backbone
+from gen.objectives import build_objective
+from gen.step import StepDraws, Trainee, build_aligners
 from latents import build_latent
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SHRINK = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
+SHRINK = ["model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2"]
 # Aligner layers that fit the 2 shrunk blocks, per method a config trains with.
-SHRINK_ALIGN = {"repa": ["align.repa_depth=1"], "sra": ["align.sra_student_layer=1", "align.sra_teacher_layer=2"],
-                "erw": ["align.erw_depth=2", "align.erw_warm_depth=1"]}
+SHRINK_ALIGN = {"repa": ["align.repa.depth=1"], "sra": ["align.sra.student_layer=1", "align.sra.teacher_layer=2"],
+                "erw": ["align.erw.depth=2", "align.erw.warm_depth=1"]}
 
 
 def test_configs_exist():
@@ -35,15 +37,18 @@ def test_every_config_builds_tiny_and_steps(path: Path):
     objective = build_objective(cfg, model)
     assert cfg.sampler.sampler in objective.SAMPLERS
     ema = EMA(model, cfg.train.ema_decay)
-    tokens = model.grid[0] * model.grid[1]
+    tokens = model.token_grid[0] * model.token_grid[1]
     cached = {name: (tokens, spec.dim) for name, spec in ENCODERS.items()}  # every target as if prepare.py cached it
-    trainee = Trainee(model, objective, build_aligners(cfg, model, cached_targets=cached), teacher=ema.model)
+    trainee = Trainee(model, objective, build_aligners(cfg, model, objective, cached_targets=cached),
+                      teacher=ema.model)
     assert not trainee.needs_pixels
-    feats = {name: torch.randn(2, tokens, ENCODERS[name].dim) for name in cfg.align.repa_encoders}
+    targets = {name for aligner in trainee.aligners.values() for name in aligner.target_encoders()}
+    feats = {name: torch.randn(2, tokens, ENCODERS[name].dim) for name in targets}
     x0 = torch.randn(2, *latent.shape)
     for phase in sorted({trainee.phase_at(0), "full"}):
         trainee.set_phase(phase)
-        loss, terms = trainee(x0, torch.tensor([0, 1]), 0, {"uniform": torch.rand(2)}, target_feats=feats)
+        draws = StepDraws(objective={}, latent={}, uniform=torch.rand(2))
+        loss, terms = trainee(x0, Cond(torch.tensor([0, 1])), 0, draws, target_feats=feats)
         loss.mean().backward()
         assert loss.shape == (2,) and torch.isfinite(loss).all()
         assert set(cfg.align.methods) <= {k.split("/")[0] for k in terms}
@@ -58,13 +63,13 @@ def test_paper_recipes_follow_the_spec_table():
     assert load_config(REPO / "configs" / "dit_xl2.yaml").objective.name == "ddpm"
     for name, depth in (("sit_b2_repa.yaml", 4), ("sit_xl2_repa.yaml", 8), ("dit_xl2_repa.yaml", 8)):
         cfg = load_config(REPO / "configs" / name)  # spec 1.1-1.2: DINOv2-B, lambda 0.5, clip 1.0, depth per size
-        assert (cfg.align.methods, cfg.align.repa_encoders, cfg.align.repa_coeff, cfg.align.repa_depth,
+        assert (cfg.align.methods, cfg.align.repa.encoders, cfg.align.repa.coeff, cfg.align.repa.depth,
                 cfg.train.grad_clip, cfg.data.cache_features) == (["repa"], ["dinov2-vit-b"], 0.5, depth, 1.0,
                                                                   ["dinov2-vit-b"])
     erw = load_config(REPO / "configs" / "sit_xl2_erw.yaml")  # spec 3.1-3.4 and the ERW README command
     a = erw.align
-    assert (a.erw_warmup_steps, erw.train.max_steps, a.erw_warm_depth, a.erw_depth, a.erw_coeff,
-            a.erw_half_life_steps, erw.model.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
+    assert (a.erw.warmup_steps, erw.train.max_steps, a.erw.warm_depth, a.erw.depth, a.erw.coeff,
+            a.erw.half_life_steps, erw.model.dit.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
 
 
 def test_unknown_keys_suggest_the_closest(tmp_path):
@@ -90,12 +95,22 @@ def test_bad_values_name_the_key():
 
 
 def test_every_field_has_a_docstring():
+    """Every key of the composed schema (run-level sections and every component's own section) is documented."""
     import dataclasses
 
-    for section in dataclasses.fields(Config):
-        cls = type(getattr(Config(), section.name))
+    def check(node, where):
+        cls = type(node)
         docs = field_docs(cls)
-        assert {f.name for f in dataclasses.fields(cls)} == set(docs), cls.__name__
+        assert set(docs) <= {f.name for f in dataclasses.fields(cls)}, cls.__name__  # no doc of a removed key
+        for f in dataclasses.fields(cls):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):  # a component's sub-section: its class docstring describes it
+                assert docs.get(f.name) or (type(value).__doc__ or "").strip(), f"{where}{f.name}"
+                check(value, f"{where}{f.name}.")
+            else:
+                assert f.name in docs, f"{where}{f.name} ({cls.__name__})"
+
+    check(default_config(), "")
     assert "train.global_batch_size=256" in describe()
 
 
@@ -124,5 +139,5 @@ def test_derived_recipes_change_only_what_their_method_needs():
              "quickstart_sra": "quickstart"}
     for derived, base in pairs.items():
         a, b = (load_config(REPO / "configs" / f"{n}.yaml") for n in (derived, base))
-        assert (a.model, a.objective, a.latent, a.train.lr, a.train.global_batch_size) == (
-            b.model, b.objective, b.latent, b.train.lr, b.train.global_batch_size), derived
+        assert (a.model, a.cond, a.objective, a.latent, a.train.lr, a.train.global_batch_size) == (
+            b.model, b.cond, b.objective, b.latent, b.train.lr, b.train.global_batch_size), derived

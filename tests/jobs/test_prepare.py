@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import prepare
 from align import REPA, AlignBatch, build_encoder
-from gen.config import Config, ConfigError, DataConfig, LatentConfig, load_config
+from gen.config import ConfigError, default_config, load_config
 from gen.data import (
     DataError,
     DigitsDataset,
@@ -25,7 +25,8 @@ from gen.data import (
     labels_file,
     shard_file,
 )
-from gen.factory import build_backbone, build_objective
+from gen.models import build_backbone
+from gen.objectives import build_objective
 from latents import SDVAE, PixelSpace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +37,19 @@ FEAT_SIZE, FEAT_SHARD = 16, 6  # 16 crops of 16 px, shards of 6, 6, 4; SiT-S/2 g
 
 def _config(tmp_path, latent="pixel", vae_path=None):
     lines = ["model: {name: SiT-S/2}", f"data: {{name: digits, image_size: {SIZE}, num_workers: 0}}",
-             f"latent: {{name: {latent}" + (f", vae_path: {vae_path}" if vae_path else "") + "}"]
+             f"latent: {{name: {latent}" + (f", sd_vae: {{vae_path: {vae_path}}}" if vae_path else "") + "}"]
     path = tmp_path / f"{latent}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cache_config(out, latent, **sd_vae):
+    """A run config training from the cache `out` in latent space `latent` (the keys build_dataset reads)."""
+    cfg = default_config()
+    cfg.data.name, cfg.data.path, cfg.data.image_size, cfg.latent.name = "latent_cache", str(out), SIZE, latent
+    for key, value in sd_vae.items():
+        setattr(cfg.latent.sd_vae, key, value)
+    return cfg
 
 
 def _feature_config(tmp_path, images, weights):
@@ -93,7 +103,7 @@ def test_pixel_cache_equals_direct_encoding(pixel_cache):
     assert torch.equal(raw, PixelSpace(1, SIZE).encode_raw(digits.images))
     assert torch.equal(cache.labels, digits.labels)
     # Training reads it through the config, checked against the run's latent space.
-    cfg = Config(data=DataConfig(name="latent_cache", path=str(out), image_size=SIZE), latent=LatentConfig(name="pixel"))
+    cfg = _cache_config(out, "pixel")
     assert len(build_dataset(cfg)) == 1437
 
 
@@ -104,7 +114,7 @@ def test_rerun_skips_complete_shards(pixel_cache, tmp_path):
     # A run killed while encoding shard 1: no shard 1, no meta.json, a stray temporary file.
     (out / shard_file(1)).unlink()
     (out / "meta.json").unlink()
-    (out / "shard-00001.npy.tmp").write_bytes(b"half written")
+    (out / ".shard-00001.tmp.npy").write_bytes(b"half written")  # gen.io.atomic_write's temporary name
     kept = {k: (out / shard_file(k)).stat().st_mtime_ns for k in (0, 2)}
     result = _ok(run_prepare(config, out))
     assert "skips 2 complete, encodes 1" in result.stdout
@@ -127,8 +137,7 @@ def test_wrong_caches_are_refused(pixel_cache, tmp_path):
     config, out = pixel_cache
     with pytest.raises(DataError, match=r"\(1, 16, 16\).*needs \(8, 2, 2\).*prepare.py"):
         LatentCacheDataset(out, expected_raw_shape=SDVAE(None, SIZE).raw_shape)
-    cfg = Config(data=DataConfig(name="latent_cache", path=str(out), image_size=SIZE),
-                 latent=LatentConfig(name="sd-vae", vae_path="unused"))
+    cfg = _cache_config(out, "sd-vae", vae_path="unused")
     with pytest.raises(DataError, match="prepare.py"):
         build_dataset(cfg)
     # prepare.py itself refuses to mix a different cache into an existing folder.
@@ -155,7 +164,7 @@ def test_missing_vae_writes_nothing(tmp_path):
     out = tmp_path / "cache"
     result = run_prepare(_config(tmp_path, "sd-vae", tmp_path / "no-vae"), out)
     assert result.returncode != 0
-    assert "latent.vae_path" in result.stderr and str(tmp_path / "no-vae") in result.stderr
+    assert "latent.sd_vae.vae_path" in result.stderr and str(tmp_path / "no-vae") in result.stderr
     assert "stabilityai/sd-vae-ft-ema" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 
@@ -244,15 +253,16 @@ def test_encode_shard_feeds_rgb_and_refuses_float16_overflow():
 def test_repa_on_cached_features_gives_the_online_loss(feature_cache, assets):
     config, out = feature_cache
     _, images, _ = assets
-    cfg = load_config(config, ["align.methods=[repa]", f"align.repa_encoders=[{FEAT}]", "align.repa_depth=2",
-                               "align.repa_projector_dim=64", "model.depth=4", "model.hidden_size=32",
-                               "model.num_heads=2", "model.num_classes=2"])
+    cfg = load_config(config, ["align.methods=[repa]", f"align.repa.encoders=[{FEAT}]", "align.repa.depth=2",
+                               "align.repa.projector_dim=64", "model.dit.depth=4", "model.dit.hidden_size=32",
+                               "model.dit.num_heads=2", "cond.num_classes=2"])
     cache = LatentCacheDataset(out)
     batch = next(iter(DataLoader(cache, batch_size=len(cache), shuffle=True)))  # feats collated: {name: (N, T, d)}
     torch.manual_seed(0)
     model = build_backbone(cfg, (3, FEAT_SIZE, FEAT_SIZE))
-    online = REPA.from_config(cfg, model)  # runs the encoder on the images
-    cached = REPA.from_config(cfg, model, cached_targets=cache.feature_names)  # builds no encoder
+    objective = build_objective(cfg, model)
+    online = REPA.from_config(cfg, model, objective)  # runs the encoder on the images
+    cached = REPA.from_config(cfg, model, objective, cached_targets=cache.feature_names)  # builds no encoder
     assert online.needs_pixels and not cached.needs_pixels
     cached.load_state_dict(online.state_dict())
     folder = ImageFolderDataset(images, FEAT_SIZE)
@@ -260,7 +270,7 @@ def test_repa_on_cached_features_gives_the_online_loss(feature_cache, assets):
 
     x0, g = batch["raw"], torch.Generator().manual_seed(1)
     t, noise = torch.rand(len(x0), generator=g), torch.randn(x0.shape, generator=g)
-    loss = build_objective(cfg, model).loss(model, x0, batch["label"], taps=online.taps, t=t, noise=noise)
+    loss = objective.loss(model, x0, batch["label"], taps=online.taps, t=t, noise=noise)
     from_images = online(loss.feats, AlignBatch.from_loss(loss, x0, 0, pixels=pixels))["loss"]
     from_cache = cached(loss.feats, AlignBatch.from_loss(loss, x0, 0, target_feats=batch["feats"]))["loss"]
     assert from_cache.shape == (16,)

@@ -8,9 +8,9 @@ from helpers import REPO, run_job
 import train as train_job
 from gen.config import load_config
 
-TINY = ["model.name=SiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
-        "train.global_batch_size=64", "log.tracker=none", "log.preview_every_steps=0", "data.num_workers=0",
-        "train.max_steps=2"]
+TINY = ["model.name=SiT-S/4", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+        "data.image_size=8", "train.global_batch_size=64", "log.tracker=none", "log.preview_every_steps=0",
+        "data.num_workers=0", "train.max_steps=2"]
 SAMPLING = ["sample.num_samples=7", "sampler.sampler=euler_maruyama", "sampler.num_steps=4", "sampler.cfg_scale=2.0",
             "sampler.cfg_interval=[0.0,0.7]", "sample.grid_num=4", "sample.labels=random", "sample.metrics=[]"]
 
@@ -55,7 +55,7 @@ def test_balanced_labels_and_floor_rounding(run_dir, tmp_path):
 
 
 def test_refusals_are_clear(run_dir, tmp_path):
-    wrong = run_job("sample.py", [run_dir, "model.hidden_size=64", f"sample.out={tmp_path / 'x.npz'}"])
+    wrong = run_job("sample.py", [run_dir, "model.dit.hidden_size=64", f"sample.out={tmp_path / 'x.npz'}"])
     assert wrong.returncode != 0 and "does not fit the configured model" in wrong.stderr
     assert not (tmp_path / "x.npz").exists()
     missing = run_job("sample.py", [tmp_path / "nothing"])

@@ -17,8 +17,8 @@ from gen.objectives.flow import FlowObjective
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 # A tiny SiT on 8 px digits (2 x 2 tokens); 256 images a step, so 5 steps make an epoch of the 1437 digits.
-TINY = ["model.name=SiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
-        "train.global_batch_size=256", "train.lr=1e-3", "train.ema_decay=0.9", "log.tracker=none",
+TINY = ["model.name=SiT-S/4", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+        "data.image_size=8", "train.global_batch_size=256", "train.lr=1e-3", "train.ema_decay=0.9", "log.tracker=none",
         "log.preview_every_steps=0", "log.every_steps=1", "data.num_workers=0"]
 
 
@@ -101,23 +101,24 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
     train_job.train(tiny(tmp_path / "run", "train.max_steps=1"))
-    with pytest.raises(CheckpointError, match=r"model.hidden_size: 32 -> 64"):
-        train_job.train(tiny(tmp_path / "run", "train.max_steps=2", "model.hidden_size=64"), resume=True)
+    with pytest.raises(CheckpointError, match=r"model.dit.hidden_size: 32 -> 64"):
+        train_job.train(tiny(tmp_path / "run", "train.max_steps=2", "model.dit.hidden_size=64"), resume=True)
     with pytest.raises(FileExistsError, match="--resume"):
         train_job.train(tiny(tmp_path / "run", "train.max_steps=2"))
 
 
-SRA = ["align.methods=[sra]", "align.sra_student_layer=1", "align.sra_teacher_layer=2"]
+SRA = ["align.methods=[sra]", "align.sra.student_layer=1", "align.sra.teacher_layer=2"]
 
 
-@pytest.mark.parametrize("align", [[], [*SRA, "align.sra_stop_step=2"]], ids=["plain", "sra-stopped-at-2"])
+@pytest.mark.parametrize("align", [[], [*SRA, "align.sra.stop_step=2"]], ids=["plain", "sra-stopped-at-2"])
 def test_two_processes_match_one(tmp_path, align):
     """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order (SRA included:
     its teacher-time offsets come from the trainer's global draws; switching it off at step 2 re-wraps DDP)."""
     runs = {}
     for processes in (1, 2):
         run = tmp_path / f"p{processes}"
-        args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.depth=2", *align]
+        args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.dit.depth=2",
+                *align]
         result = run_job("train.py", args, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"{processes} process(es)" in result.stdout + result.stderr
@@ -145,8 +146,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_latent_cache_training_equals_online_encoding(tmp_path):
     """prepare.py's cache + training == online encoding, given the same posterior noise (tiny random VAE)."""
     vae, images = save_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "images")
-    common = ["model.name=SiT-S/2", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
-              "model.num_classes=2", "data.image_size=32", "latent.name=sd-vae", f"latent.vae_path={vae}",
+    common = ["model.name=SiT-S/2", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+              "cond.num_classes=2", "data.image_size=32", "latent.name=sd-vae", f"latent.sd_vae.vae_path={vae}",
               "train.global_batch_size=8", "log.tracker=none", "log.preview_every_steps=0", "data.num_workers=0",
               "train.max_steps=3"]
     online = train_job.train(load_config(None, [*common, "data.name=image_folder", f"data.path={images}",
@@ -162,9 +163,9 @@ def test_latent_cache_training_equals_online_encoding(tmp_path):
 
 
 def test_missing_vae_fails_before_writing(tmp_path):
-    cfg = tiny(tmp_path / "run", "latent.name=sd-vae", f"latent.vae_path={tmp_path / 'no-vae'}",
+    cfg = tiny(tmp_path / "run", "latent.name=sd-vae", f"latent.sd_vae.vae_path={tmp_path / 'no-vae'}",
                "data.name=digits", "data.image_size=16")
-    with pytest.raises(FileNotFoundError, match="latent.vae_path"):
+    with pytest.raises(FileNotFoundError, match="latent.sd_vae.vae_path"):
         train_job.train(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -184,9 +185,9 @@ def test_training_time_fid_is_logged(tmp_path):
 
 
 def test_a_stopped_aligner_is_no_longer_computed_and_resume_across_the_stop_is_exact(tmp_path):
-    """From align.sra_stop_step on SRA is skipped (no loss term, head frozen), the optimizer keeps its state, and
+    """From align.sra.stop_step on SRA is skipped (no loss term, head frozen), the optimizer keeps its state, and
     a run resumed at the stop equals the uninterrupted one."""
-    args = [*SRA, "align.sra_stop_step=2", "train.ckpt_every_steps=2"]
+    args = [*SRA, "align.sra.stop_step=2", "train.ckpt_every_steps=2"]
     straight = train_job.train(tiny(tmp_path / "a", *args, "train.max_steps=4"))
     train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=2"))
     resumed = train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=4"), resume=True)

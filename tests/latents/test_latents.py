@@ -3,7 +3,7 @@ import pytest
 import torch
 from latent_helpers import save_tiny_vae
 
-from gen.config import Config, ConfigError, DataConfig, LatentConfig
+from gen.config import ConfigError, default_config
 from latents import LATENTS, SDVAE, PixelSpace, build_latent, to_uint8
 
 
@@ -102,24 +102,32 @@ def test_sd_vae_missing_weights_error(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         space.encode_raw(_images(1))
     message = str(err.value)
-    assert str(missing) in message and "latent.vae_path" in message and "stabilityai/sd-vae-ft-ema" in message
+    assert str(missing) in message and "latent.sd_vae.vae_path" in message and "stabilityai/sd-vae-ft-ema" in message
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no loadable AutoencoderKL"):
         SDVAE(tmp_path / "empty", 32).load_weights()
-    with pytest.raises(FileNotFoundError, match="latent.vae_path is not set"):
+    with pytest.raises(FileNotFoundError, match="latent.sd_vae.vae_path is not set"):
         SDVAE(None, 32).load_weights()
     with pytest.raises(ValueError, match="divisible by 8"):
         SDVAE(missing, 30)
 
 
+def config(data_name="latent_cache", image_size=256, latent="sd-vae", **sd_vae):
+    """A run config at its defaults but for the data and latent keys given (not validated, as build_latent sees it)."""
+    cfg = default_config()
+    cfg.data.name, cfg.data.image_size, cfg.latent.name = data_name, image_size, latent
+    for key, value in sd_vae.items():
+        setattr(cfg.latent.sd_vae, key, value)
+    return cfg
+
+
 def test_build_latent_from_config():
     assert set(LATENTS) == {"pixel", "sd-vae"}
-    digits = build_latent(Config(data=DataConfig(name="digits", image_size=16), latent=LatentConfig(name="pixel")))
+    digits = build_latent(config("digits", 16, "pixel"))
     assert isinstance(digits, PixelSpace) and digits.shape == (1, 16, 16)
-    folder = build_latent(Config(data=DataConfig(name="image_folder", image_size=32), latent=LatentConfig(name="pixel")))
+    folder = build_latent(config("image_folder", 32, "pixel"))
     assert folder.shape == (3, 32, 32)
-    vae = build_latent(Config(data=DataConfig(name="image_folder", image_size=256),
-                              latent=LatentConfig(name="sd-vae", vae_path="x", scale=0.3)))
+    vae = build_latent(config("image_folder", 256, "sd-vae", vae_path="x", scale=0.3))
     assert isinstance(vae, SDVAE) and vae.shape == (4, 32, 32) and vae.raw_shape == (8, 32, 32) and vae.scale == 0.3
     with pytest.raises(ConfigError, match="latent.name"):
-        build_latent(Config(latent=LatentConfig(name="vq-gan")))
+        build_latent(config(latent="vq-gan"))

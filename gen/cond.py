@@ -1,0 +1,94 @@
+"""What a model is conditioned on: one `Cond` per batch, and the run's `Conditioning` that drops and nulls it.
+
+A `Cond` carries class labels today; further condition kinds (text tokens, ...) become fields of it, with their
+null value in `Conditioning`, so objectives, guidance and samplers, which only move `Cond`s around (`select`,
+`cat`, `where`), need no change when one is added. Dropout for classifier-free guidance happens in
+`Objective.loss` through `Conditioning.drop`, once, with a mask from the step's draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Cond:
+    """The conditions of a batch: `labels` (N,) long, where the null class means unconditional."""
+
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def to(self, device) -> Cond:
+        """The same conditions on `device`."""
+        return Cond(self.labels.to(device, non_blocking=True))
+
+    def select(self, index) -> Cond:
+        """The conditions of the samples picked by `index` (a slice, a mask or indices)."""
+        return Cond(self.labels[index])
+
+    def cat(self, other: Cond) -> Cond:
+        """This batch followed by `other`."""
+        return Cond(torch.cat([self.labels, other.labels]))
+
+    def where(self, mask: Tensor, other: Cond) -> Cond:
+        """Per sample: `other`'s condition where `mask` is set, else this one."""
+        return Cond(torch.where(mask.to(self.device), other.labels, self.labels))
+
+
+def as_cond(cond: Cond | Tensor) -> Cond:
+    """A `Cond`; a bare label tensor stands for class labels (tests, official-checkpoint checks)."""
+    return cond if isinstance(cond, Cond) else Cond(cond)
+
+
+class Conditioning:
+    """How a run conditions: its null condition, the dropout probability and the random draws dropout needs.
+
+    `null_class=None` is an unconditional model: nothing is dropped and guidance is refused.
+    """
+
+    DRAWS = {"drop": "sample"}  # name -> "sample" (one value per sample) | "batch" (one per global batch)
+
+    def __init__(self, null_class: int | None, dropout: float = 0.0):
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"label dropout must lie in [0, 1), got {dropout}")
+        self.null_class, self.dropout = null_class, float(dropout)
+
+    @classmethod
+    def from_config(cls, cfg) -> Conditioning:
+        """From cfg.cond: class labels 0..num_classes-1 and the null class num_classes."""
+        return cls(cfg.cond.num_classes, cfg.cond.label_dropout)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether there is a null condition (so dropout and guidance exist)."""
+        return self.null_class is not None
+
+    def from_batch(self, batch: dict, device) -> Cond:
+        """The conditions of a data batch (its "label" entry)."""
+        return Cond(batch["label"].to(device, non_blocking=True))
+
+    def null(self, like: Cond) -> Cond:
+        """The unconditional counterpart of `like` (same batch size and device)."""
+        if self.null_class is None:
+            raise ValueError("this model is unconditional: it has no null condition for guidance")
+        return Cond(torch.full_like(like.labels, self.null_class))
+
+    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """The dropout mask of n samples (drawn even without dropout, so the random stream has one layout)."""
+        return {"drop": torch.rand(n, generator=generator, device=device) < self.dropout}
+
+    def drop(self, cond: Cond, mask: Tensor | None) -> Cond:
+        """`cond` with the null condition where `mask` is set (no mask: drawn from torch's global generator)."""
+        if self.null_class is None or (mask is None and self.dropout <= 0):
+            return cond
+        if mask is None:
+            mask = torch.rand(len(cond), device=cond.device) < self.dropout
+        return cond.where(mask, self.null(cond))
