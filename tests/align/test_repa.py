@@ -149,7 +149,7 @@ def test_projector_init_and_depth_defaults():
     assert all(torch.equal(lin.bias, torch.zeros_like(lin.bias)) for lin in linears)
     bound = (6 / (64 + 64)) ** 0.5  # xavier-uniform bound of the middle layer
     assert linears[1].weight.abs().max() <= bound and linears[1].weight.abs().max() > 0.9 * bound
-    # Spec 1.2: B 4, L 8, XL 8; S chosen 4; DiT-XL/2 8 assumed.
+    # REPA paper Table 7 and README: B 4, L 8, XL 8; S chosen 4; DiT-XL/2 8 assumed.
     models = ("SiT-S/2", "SiT-B/2", "SiT-L/2", "SiT-XL/2", "DiT-XL/2")
     assert [DEFAULT_DEPTH[model_size(m)] for m in models] == [4, 4, 8, 8, 8]
     assert ALIGNERS["repa"] is REPA and repa.taps == (DEPTH,)

@@ -14,7 +14,7 @@ TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=16, num_classes=10)
 
 def analytic_params(depth, hidden_size, patch_size, in_channels=4, out_channels=8, num_classes=1000, input_size=32,
                     **_):
-    """Parameter count of the adaLN-Zero transformer written out from the spec (independent of the code)."""
+    """Parameter count of the adaLN-Zero transformer written out from DiT models.py and the DiT paper's Table 1 sizes (independent of the code)."""
     d, p = hidden_size, patch_size
     tokens = (input_size // p) ** 2
     embed = in_channels * p * p * d + d + tokens * d  # patch conv + frozen pos_embed

@@ -12,7 +12,7 @@ DEPTH, D, P, C, CLASSES, INPUT = 4, 32, 2, 4, 10, 8
 
 
 def official_shapes(out_channels, qk_norm=False, projector_dims=(), legacy_depth=None, heads=2):
-    """The key -> shape list of the spec's table 1.2 (written from the table, not from our model)."""
+    """The key -> shape list of the official checkpoints (DiT models.py, SiT models.py, REPA models/sit.py; written by hand, not from our model)."""
     t = (INPUT // P) ** 2
     shapes = {
         "pos_embed": (1, t, D),

@@ -62,11 +62,11 @@ def test_paper_recipes_follow_the_spec_table():
         assert t.max_steps == 400_000 and t.ckpt_every_steps == 50_000
     assert load_config(REPO / "configs" / "dit_xl2.yaml").objective.name == "ddpm"
     for name, depth in (("sit_b2_repa.yaml", 4), ("sit_xl2_repa.yaml", 8), ("dit_xl2_repa.yaml", 8)):
-        cfg = load_config(REPO / "configs" / name)  # spec 1.1-1.2: DINOv2-B, lambda 0.5, clip 1.0, depth per size
+        cfg = load_config(REPO / "configs" / name)  # REPA README / train.py: DINOv2-B, lambda 0.5, clip 1.0; depth per size
         assert (cfg.align.methods, cfg.align.repa.encoders, cfg.align.repa.coeff, cfg.align.repa.depth,
                 cfg.train.grad_clip, cfg.data.cache_features) == (["repa"], ["dinov2-vit-b"], 0.5, depth, 1.0,
                                                                   ["dinov2-vit-b"])
-    erw = load_config(REPO / "configs" / "sit_xl2_erw.yaml")  # spec 3.1-3.4 and the ERW README command
+    erw = load_config(REPO / "configs" / "sit_xl2_erw.yaml")  # the ERW paper and the ERW README command
     a = erw.align
     assert (a.erw.warmup_steps, erw.train.max_steps, a.erw.warm_depth, a.erw.depth, a.erw.coeff,
             a.erw.half_life_steps, erw.model.dit.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
