@@ -302,3 +302,31 @@ def test_config_module_imports_no_registry():
             "'latents') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_per_batch_draws_stay_whole_when_split_over_processes():
+    """StepDraws splits per-sample draws across processes and micro-steps and hands per-batch draws over whole."""
+    from gen.objectives.flow import FlowObjective
+    from gen.step import StepDraws
+    from latents import SDVAE
+
+    class RatioFlow(FlowObjective):
+        DRAWS = {**FlowObjective.DRAWS, "ratio": "batch"}
+
+        def draw(self, n, sample_shape, generator=None, device=None):
+            drawn = super().draw(n, sample_shape, generator, device)
+            return {**drawn, "ratio": torch.rand(2, generator=generator, device=device)}
+
+    objective, latent = RatioFlow(null_class=10, label_dropout=0.1), SDVAE(None, 16)
+    full = StepDraws.draw(objective, latent, 8, seed=1, step=5, hflip=True, device="cpu")
+    assert full.per_batch == {"ratio"} and full.objective["ratio"].shape == (2,)
+    again = StepDraws.draw(objective, latent, 8, seed=1, step=5, hflip=True, device="cpu")
+    assert all(torch.equal(full.objective[k], again.objective[k]) for k in full.objective)
+    parts = [full.micro(micro, rank, world=2, per_process=2) for micro in range(2) for rank in range(2)]
+    for part in parts:
+        assert torch.equal(part.objective["ratio"], full.objective["ratio"])
+    for key in ("t", "noise", "drop"):
+        assert torch.equal(torch.cat([p.objective[key] for p in parts]), full.objective[key])
+    assert torch.equal(torch.cat([p.latent["noise"] for p in parts]), full.latent["noise"])
+    assert torch.equal(torch.cat([p.uniform for p in parts]), full.uniform)
+    assert torch.equal(torch.cat([p.flip for p in parts]), full.flip)
