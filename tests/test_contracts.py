@@ -9,7 +9,7 @@ through train.py without any edit under gen/.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
@@ -28,7 +28,7 @@ from gen.config import ComponentConfig, ConfigError, check, load_config
 from gen.layers import LabelEmbedder, TimestepEmbedder
 from gen.models import FAMILIES
 from gen.models.base import Backbone, BackboneOutput
-from gen.objectives import OBJECTIVES
+from gen.objectives import OBJECTIVES, FlowObjective
 from latents import LATENTS, LatentSpace, to_uint8
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate", "one_thread")
@@ -179,12 +179,56 @@ class MeanMatch(Aligner):
         return {"loss": (pred.float() - target.float()) ** 2}
 
 
+# ---------------------------------------------------------------------------------------------------
+# A toy objective with a frozen part: flow matching whose regression target goes through a frozen linear map.
+
+
+@dataclass
+class FrozenTargetConfig(ComponentConfig):
+    """Flow matching with a frozen per-value linear map on the velocity target (a test's toy objective)."""
+
+    gain: float = 0.5
+    """Weight of the frozen map."""
+
+
+class FrozenTargetFlow(FlowObjective):
+    """Holds a frozen module (weights loaded by `load_weights`): never in the optimizer, the EMA or checkpoints."""
+
+    KEY = "frozen_target"
+    Config = FrozenTargetConfig
+
+    def __init__(self, gain: float, **kwargs):
+        super().__init__(**kwargs)
+        self.target_map = nn.Linear(1, 1).requires_grad_(False)
+        self.gain, self.loaded = gain, False
+
+    @classmethod
+    def from_config(cls, cfg, model):
+        return cls(cfg.objective.frozen_target.gain, label_dropout=cfg.cond.label_dropout,
+                   null_class=model.null_class)
+
+    def load_weights(self, device="cpu"):
+        with torch.no_grad():
+            self.target_map.weight.fill_(self.gain)
+            self.target_map.bias.zero_()
+        self.target_map.to(device)
+        self.loaded = True
+        return self
+
+    def compute_loss(self, model, x0, cond, *, taps, t, noise):
+        assert self.loaded, "the jobs call load_weights before training"
+        out = super().compute_loss(model, x0, cond, taps=taps, t=t, noise=noise)
+        mapped = self.target_map(x0.reshape(-1, 1)).reshape(x0.shape)
+        return replace(out, loss=out.loss + (mapped.reshape(len(x0), -1).mean(dim=1) ** 2))
+
+
 @pytest.fixture
 def toys(monkeypatch):
-    """Register the toy latent space, backbone family and aligner: one line each."""
+    """Register the toy latent space, backbone family, aligner and objective: one line each."""
     monkeypatch.setitem(LATENTS, "rows", RowSpace)
     monkeypatch.setitem(FAMILIES, "token_mlp", TokenMLP)
     monkeypatch.setitem(ALIGNERS, "mean_match", MeanMatch)
+    monkeypatch.setitem(OBJECTIVES, "frozen_target", FrozenTargetFlow)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +259,7 @@ def weights(ckpt) -> dict:
             **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-COMBINATIONS = list(itertools.product(["dit", "token_mlp"], sorted(OBJECTIVES), ["pixel", "sd-vae", "rows"]))
+COMBINATIONS = list(itertools.product(["dit", "token_mlp"], ["ddpm", "flow"], ["pixel", "sd-vae", "rows"]))
 
 
 @pytest.mark.parametrize("family,objective,latent", COMBINATIONS, ids=lambda v: v)
@@ -255,6 +299,21 @@ def test_toy_aligner_trains_through_train_py(toys, tmp_path):
     assert head, "the aligner's head is trained and checkpointed with the backbone"
     logs = (tmp_path / "r" / "logs" / "scalars.jsonl").read_text()
     assert '"mean_match"' in logs
+
+
+def test_toy_objective_with_frozen_parts_trains_through_train_py(toys, tmp_path):
+    """A new objective (own config section, one registry line) trains through train.py, samples through sample.py;
+    its frozen module is loaded by the jobs and kept out of the optimizer, the EMA and the checkpoint."""
+    overrides = [*combination("dit", "flow", "pixel", tmp_path), "objective.name=frozen_target",
+                 "objective.frozen_target.gain=0.25", f"train.run_dir={tmp_path / 'o'}", "train.max_steps=2"]
+    ckpt = train_job.train(load_config(None, overrides))
+    model, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    assert not any("target_map" in k for k in [*model, *ema])
+    optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert len(optimizer["state"]) == len(model) - 1  # every trained tensor but the frozen pos_embed, nothing else
+    out = sample_job.main([str(tmp_path / "o"), "sample.num_samples=2", "sample.grid_num=2",
+                           f"sample.out={tmp_path / 'o.npz'}"])
+    assert out.is_file()
 
 
 def test_latent_state_round_trips_through_checkpoints(toys, tmp_path):
