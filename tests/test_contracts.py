@@ -79,6 +79,13 @@ class RowSpace(LatentSpace):
     def state_dict(self) -> dict:
         return {"gain": self.gain}
 
+    def load_state_dict(self, state: dict) -> None:
+        RESTORED.append(dict(state))
+        super().load_state_dict(state)
+
+
+RESTORED: list[dict] = []  # every state RowSpace.load_state_dict received
+
 
 # ---------------------------------------------------------------------------------------------------
 # A toy backbone family: a per-token residual MLP over sets (no positions, so permutation equivariant).
@@ -322,6 +329,11 @@ def test_latent_state_round_trips_through_checkpoints(toys, tmp_path):
                  "latent.rows.gain=2.0", "train.max_steps=1"]
     ckpt = train_job.train(load_config(None, overrides))
     assert torch.load(ckpt / "latent_state.pt", weights_only=True) == {"gain": 2.0}
+    RESTORED.clear()
+    train_job.train(load_config(None, [*overrides[:-1], "train.max_steps=2"]), resume=True)
+    sample_job.main([str(tmp_path / "r"), "sample.num_samples=2", "sample.grid_num=2",
+                     f"sample.out={tmp_path / 'r.npz'}"])
+    assert RESTORED == [{"gain": 2.0}, {"gain": 2.0}]
 
 
 def test_incompatible_pairs_name_both(toys):
