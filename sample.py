@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gen.checkpoint import CheckpointError, load_latent_state, resolve_weights
 from gen.config import Config, ConfigError, choose, load_config, to_yaml
 from gen.eval import SAMPLE_METRICS, build_suite, split_sample_metrics
-from gen.io import atomic_write_text
+from gen.io import JobLock, LockHeld, atomic_write_text
 from gen.logging import save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
@@ -73,12 +73,23 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit(f"error: {err}")
 
     accelerator = Accelerator()
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    device = accelerator.device
     latent = build_latent(cfg).load_weights(device)  # a missing VAE fails before anything is written
     load_latent_state(ema_path.parent, latent)
     suite = build_suite(streamed, cfg.eval, device, latent.modality) if streamed else None  # Inception file too
     s = cfg.sample
     out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
+    try:
+        with JobLock(accelerator, out.parent, "sample.py", f".{out.stem}.lock"):  # one writer per output
+            return draw(accelerator, cfg, ema_path, latent, suite, out, after)
+    except LockHeld as err:
+        sys.exit(f"error: {err}")
+
+
+def draw(accelerator, cfg: Config, ema_path: Path, latent, suite, out: Path, after: list[str]) -> Path:
+    """Draw this process's samples into a part file, then (main process) write the outputs of `out`."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    s = cfg.sample
     tmp_dir = out.parent / f".tmp-{out.stem}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
 from gen.eval import build_suite
+from gen.io import JobLock, LockHeld
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
@@ -117,7 +118,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world = accelerator.num_processes
     per_step = world * t.grad_accum_steps
     if t.global_batch_size % per_step:
         raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
@@ -129,6 +130,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new "
                               f"train.run_dir")
+    lock = JobLock(accelerator, run_dir, "train.py")  # one writer per run directory, taken before the first write
+    try:
+        return _train(accelerator, cfg, ckpt, n, lock)
+    finally:
+        lock.release()
+
+
+def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -> Path:
+    """The training loop of `train`: `ckpt` to resume from, `n` items per micro-batch, the run directory's lock
+    to take once everything is validated and built, before anything is written."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
@@ -163,6 +177,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     trainee, optimizer = prepare_step(accelerator, trainee, phase, step, cfg)
     fid_suite = build_suite(["fid"], cfg.eval, device, latent.modality) if cfg.log.fid_every_steps else None
 
+    lock.acquire()
+    if latest_checkpoint(run_dir) != ckpt:  # another job wrote a checkpoint after this one looked
+        raise LockHeld(f"{run_dir} changed while this job started: its latest checkpoint is now "
+                       f"{latest_checkpoint(run_dir)}, not {ckpt}; start the job again")
     state = {"step": 0}
     if ckpt is not None:
         state = load_checkpoint(accelerator, ckpt, ema, cfg, latent)
@@ -265,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except LockHeld as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

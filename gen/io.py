@@ -59,3 +59,94 @@ def flatten(d: Mapping, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+class LockHeld(RuntimeError):
+    """Another live job holds the lock of a folder this job would write."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one job: `folder/.lock`, held with flock while the job runs.
+
+    The kernel drops the lock when its holder exits, however it exits, so a lock left by a killed process is free
+    again and the next job takes it over; the file then still names the dead holder, and is rewritten. flock is
+    reliable on local file systems and on NFSv4 with lock support; on others (old NFS, some FUSE mounts) it may
+    lock nothing, so keep one writer per folder there by hand.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path, job: str, name: str = NAME):
+        self.path = Path(folder) / name
+        self.job = job
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock or raise LockHeld naming the holder (pid, host, job, start time) and the fix."""
+        import fcntl
+        import json
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockHeld(f"{self.path} is held by another job ({holder}); wait for it to end or stop it, or write "
+                           f"elsewhere") from None
+        record = {"job": self.job, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (the file stays: removing it would race with a job taking it)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class JobLock:
+    """A FolderLock that the main process of a (multi-process) job takes for all its processes: `acquire` raises
+    LockHeld on every process when it is taken (the main process's verdict is broadcast, so no process starts
+    writing alone). Take it right before the job's first write, so a job refused earlier leaves nothing behind."""
+
+    def __init__(self, accelerator, folder: str | Path, job: str, name: str = FolderLock.NAME):
+        self.accelerator, self.lock = accelerator, FolderLock(folder, job, name)
+
+    def acquire(self) -> JobLock:
+        """Take the lock for the whole job, or raise LockHeld (on every process) naming the holder."""
+        from accelerate.utils import broadcast_object_list
+
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                self.lock.acquire()
+            except LockHeld as err:
+                error = str(err)
+        if self.accelerator.num_processes > 1:
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise LockHeld(error)
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (a no-op when it was never taken)."""
+        self.lock.release()
+
+    def __enter__(self) -> JobLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
