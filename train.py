@@ -29,7 +29,7 @@ from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
 from gen.eval import build_suite
 from gen.io import JobLock, LockHeld
-from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid
+from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid, truncate_jsonl
 from gen.models import build_backbone
 from gen.objectives import build_objective
 from gen.sampling.generate import generate, generate_indexed, sample_labels
@@ -53,10 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
+def optimizer_settings(cfg: Config) -> dict:
+    """AdamW's hyperparameters from train.*: used to build the optimizer and re-applied on --resume, so a resumed
+    run trains with the values its config (recorded in every later checkpoint) states."""
+    t = cfg.train
+    return dict(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     """AdamW over `params`, fused kernels where the device supports them."""
-    t = cfg.train
-    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    kwargs = optimizer_settings(cfg)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except RuntimeError:  # a device without fused AdamW kernels
@@ -127,6 +133,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; drop --resume to start anew")
+    if ckpt is not None and read_train_state(ckpt)["step"] >= t.max_steps:
+        accelerator.print(f"{run_dir} is finished: its checkpoint {ckpt.name} is at step "
+                          f"{read_train_state(ckpt)['step']} >= train.max_steps={t.max_steps}; raise train.max_steps "
+                          f"to train further")
+        return ckpt
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new "
                               f"train.run_dir")
@@ -184,6 +195,10 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
     state = {"step": 0}
     if ckpt is not None:
         state = load_checkpoint(accelerator, ckpt, ema, cfg, latent)
+        for group in optimizer.param_groups:  # the config's values, not those the checkpoint was written with
+            group.update(optimizer_settings(cfg))
+        if accelerator.is_main_process:  # steps logged after the checkpoint are logged again from it
+            truncate_jsonl(run_dir / "logs" / "scalars.jsonl", state["step"])
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     elif accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gen.io import atomic_write, to_rgb
+from gen.io import atomic_write, atomic_write_text, to_rgb
 
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -61,6 +61,17 @@ class RunningMeans:
         self.sums, self.counts = {}, {}
         k = len(names)
         return {n: (stacked[i] / stacked[k + i]).item() for i, n in enumerate(names)}
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> None:
+    """Drop the records of steps after `last_step` (logged by a run that died before its next checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -200,3 +200,34 @@ def test_a_stopped_aligner_is_no_longer_computed_and_resume_across_the_stop_is_e
     end = load_file(str(straight / "model.safetensors"))
     assert all(torch.equal(end[k], at_stop[k]) == k.startswith("aligners.sra.") for k in end if "pos_embed" not in k)
     assert len(final_state(straight)[2]["state"]) == len(final_state(straight)[2]["param_groups"][0]["params"])
+
+
+def test_resume_applies_the_new_optimizer_settings_and_records_them(tmp_path):
+    """--resume train.lr=... trains with the new value (it was silently kept at the checkpoint's) and records it."""
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=1", "train.ckpt_every_steps=1"))
+    ckpt = train_job.train(tiny(tmp_path / "run", "train.max_steps=2", "train.ckpt_every_steps=1", "train.lr=3e-4",
+                                "train.weight_decay=0.01"), resume=True)
+    groups = torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"]
+    assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.01 for g in groups)
+    assert load_config(ckpt / "config.yaml").train.lr == 3e-4
+
+
+def test_resume_on_a_finished_run_says_so_and_writes_nothing(tmp_path):
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=1"))
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    result = run_job("train.py", ["configs/quickstart.yaml", *TINY, f"train.run_dir={tmp_path / 'run'}",
+                                  "train.max_steps=1", "--resume"])
+    assert result.returncode == 0
+    assert "is finished" in result.stdout + result.stderr and "raise train.max_steps" in result.stdout + result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    """Steps logged after the last checkpoint of a run that died are logged once, from the resumed run."""
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=3", "train.ckpt_every_steps=2"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000003")  # as if killed after logging step 3
+    train_job.train(tiny(tmp_path / "run", "train.max_steps=4", "train.ckpt_every_steps=2"), resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
