@@ -49,7 +49,7 @@ def assert_bitwise_equal(a, b):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    """2N steps straight and N steps + --resume + N steps give bitwise-equal model, EMA and optimizer (epoch crossed)."""
+    """2N steps straight and N steps + --resume + N steps: bitwise-equal model, EMA and optimizer (epoch crossed)."""
     straight = train_job.train(tiny(tmp_path / "a", "train.max_steps=8", "train.ckpt_every_steps=4"))
     train_job.train(tiny(tmp_path / "b", "train.max_steps=4", "train.ckpt_every_steps=4"))
     resumed = train_job.train(tiny(tmp_path / "b", "train.max_steps=8", "train.ckpt_every_steps=4"), resume=True)
@@ -229,5 +229,6 @@ def test_resume_logs_each_step_once(tmp_path):
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000003")  # as if killed after logging step 3
     train_job.train(tiny(tmp_path / "run", "train.max_steps=4", "train.ckpt_every_steps=2"), resume=True)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == [1, 2, 3, 4]
