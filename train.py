@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -38,7 +39,12 @@ from latents import build_latent
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss."""
+    """Training produced a NaN/inf loss, or a finite one that exploded (train.divergence_factor)."""
+
+
+DIVERGENCE_WINDOW = 20
+"""The divergence guard compares a logged loss with the median of the last 20 logged losses, the first of them the
+loss of the run's first micro-batch (so a loss that explodes within the first log interval is caught too)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,6 +220,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
     batches = iter(loader)
     meters = RunningMeans()
     first_bad = torch.full((), -1.0, device=device)  # first non-finite (step * accum + micro), kept on device
+    history: deque[float] = deque(maxlen=DIVERGENCE_WINDOW)  # logged losses, for the divergence guard
+    first_loss = None  # this run's first micro-batch loss, on the device until the first log
     last_ckpt = ckpt
     bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
@@ -241,6 +249,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                     accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if first_loss is None:
+                first_loss = loss.detach().float()
             meters.add("loss", per_sample)
             for name, values in terms.items():
                 meters.add(name, values)
@@ -260,6 +270,17 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                     f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
                     f"train.mixed_precision=bf16, then resume from that checkpoint.")
+            if not history:
+                history.append(accelerator.reduce(first_loss.view(1), reduction="mean").item())
+            recent = sorted(history)
+            if t.divergence_factor and logs["loss"] > t.divergence_factor * recent[len(recent) // 2]:
+                raise NonFiniteLoss(
+                    f"diverging loss at step {step}: {logs['loss']:.4g}, over train.divergence_factor="
+                    f"{t.divergence_factor:g} x the median {recent[len(recent) // 2]:.4g} of the {len(recent)} losses "
+                    f"before (the first micro-batch's, then the logged ones); last good checkpoint: "
+                    f"{last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
+                    f"train.mixed_precision=bf16, then resume from that checkpoint.")
+            history.append(logs["loss"])
             logs.update(module.step_logs(step))
             if cfg.log.tracker != "none":
                 accelerator.log(logs, step=step)
@@ -300,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     try:
         train(cfg, resume=args.resume)
-    except LockHeld as err:
+    except (LockHeld, NonFiniteLoss) as err:
         sys.exit(f"error: {err}")
 
 

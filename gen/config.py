@@ -127,6 +127,9 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (REPA 1.0); 0 disables clipping (DiT/SiT)."""
+    divergence_factor: float = 100.0
+    """Stop like on a NaN when a logged loss exceeds this factor times the median of the last 20 logged losses
+    (the first being the run's first micro-batch loss); 0 disables the guard."""
     ema_decay: float = 0.9999
     """EMA decay per step, no warm-up, all parameters including pos_embed."""
     mixed_precision: str = "no"
@@ -448,6 +451,7 @@ def validate(cfg: Config) -> None:
     check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
     check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")
     check(t.max_steps > 0 and t.ckpt_every_steps > 0, "train.max_steps", "steps must be positive")
+    check(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor", "0 (off) or above 1")
     check(cfg.log.tracker in ("tensorboard", "wandb", "none"), "log.tracker", "one of tensorboard, wandb, none")
     check(cfg.log.every_steps > 0, "log.every_steps", "must be positive")
     check(cfg.log.fid_every_steps == 0 or cfg.eval.reference is not None, "eval.reference",

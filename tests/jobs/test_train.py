@@ -232,3 +232,25 @@ def test_resume_logs_each_step_once(tmp_path):
     lines = (tmp_path / "run" / "logs" / "scalars.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == [1, 2, 3, 4]
+
+
+def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
+    """A finite loss 1000x its running median stops the run at that step, naming the last good checkpoint."""
+    real_loss, calls = FlowObjective.loss, []
+
+    def exploding(self, *args, **kwargs):
+        out = real_loss(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 8:  # from the step with index 7 on: finite but 1000x larger
+            out.loss = out.loss * 1000.0
+        return out
+
+    monkeypatch.setattr(FlowObjective, "loss", exploding)
+    cfg = tiny(tmp_path / "run", "train.max_steps=12", "train.ckpt_every_steps=4")
+    with pytest.raises(train_job.NonFiniteLoss, match=r"diverging loss at step 8: .*divergence_factor=100.*"
+                                                       r"step-00000004"):
+        train_job.train(cfg)
+    assert latest_checkpoint(cfg.train.run_dir).name == "step-00000004"
+    calls.clear()
+    off = tiny(tmp_path / "off", "train.max_steps=12", "train.ckpt_every_steps=4", "train.divergence_factor=0")
+    assert train_job.train(off).name == "step-00000012"  # the guard can be switched off
