@@ -43,8 +43,26 @@ class NonFiniteLoss(RuntimeError):
 
 
 DIVERGENCE_WINDOW = 20
-"""The divergence guard compares a logged loss with the median of the last 20 logged losses, the first of them the
-loss of the run's first micro-batch (so a loss that explodes within the first log interval is caught too)."""
+"""The divergence guard compares the logged denoising loss (the objective's, >= 0) with the median of the last 20
+logged ones, the first of them the run's first micro-batch's (so a loss that explodes within the first log interval
+is caught too). Warmup phases without a denoising loss are not guarded."""
+
+
+def check_divergence(loss: float, history: deque, first_loss, factor: float, step: int, last_ckpt,
+                     accelerator) -> None:
+    """Raise NonFiniteLoss when the logged denoising loss exceeds `factor` x the median of `history` (seeded with
+    `first_loss`, this run's first micro-batch's, averaged over processes); then record `loss` in it."""
+    if not history:
+        history.append(accelerator.reduce(first_loss.view(1), reduction="mean").item())
+    recent = sorted(history)
+    median = recent[len(recent) // 2]
+    if loss > factor * median:
+        raise NonFiniteLoss(
+            f"diverging denoising loss at step {step}: {loss:.4g}, over train.divergence_factor={factor:g} x the "
+            f"median {median:.4g} of the {len(recent)} before it (the first micro-batch's, then the logged ones); "
+            f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
+            f"train.mixed_precision=bf16, then resume from that checkpoint.")
+    history.append(loss)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,7 +239,7 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
     meters = RunningMeans()
     first_bad = torch.full((), -1.0, device=device)  # first non-finite (step * accum + micro), kept on device
     history: deque[float] = deque(maxlen=DIVERGENCE_WINDOW)  # logged losses, for the divergence guard
-    first_loss = None  # this run's first micro-batch loss, on the device until the first log
+    first_loss = None  # this run's first micro-batch denoising loss, on the device until the first log
     last_ckpt = ckpt
     bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     accelerator.print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset):,} items, "
@@ -249,8 +267,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                     accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if first_loss is None:
-                first_loss = loss.detach().float()
+            if first_loss is None and "denoise" in terms:
+                first_loss = terms["denoise"].mean().float()
             meters.add("loss", per_sample)
             for name, values in terms.items():
                 meters.add(name, values)
@@ -270,17 +288,9 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                     f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
                     f"train.mixed_precision=bf16, then resume from that checkpoint.")
-            if not history:
-                history.append(accelerator.reduce(first_loss.view(1), reduction="mean").item())
-            recent = sorted(history)
-            if t.divergence_factor and logs["loss"] > t.divergence_factor * recent[len(recent) // 2]:
-                raise NonFiniteLoss(
-                    f"diverging loss at step {step}: {logs['loss']:.4g}, over train.divergence_factor="
-                    f"{t.divergence_factor:g} x the median {recent[len(recent) // 2]:.4g} of the {len(recent)} losses "
-                    f"before (the first micro-batch's, then the logged ones); last good checkpoint: "
-                    f"{last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
-                    f"train.mixed_precision=bf16, then resume from that checkpoint.")
-            history.append(logs["loss"])
+            if t.divergence_factor and "denoise" in logs:
+                check_divergence(logs["denoise"], history, first_loss, t.divergence_factor, step, last_ckpt,
+                                 accelerator)
             logs.update(module.step_logs(step))
             if cfg.log.tracker != "none":
                 accelerator.log(logs, step=step)

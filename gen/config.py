@@ -128,8 +128,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (REPA 1.0); 0 disables clipping (DiT/SiT)."""
     divergence_factor: float = 100.0
-    """Stop like on a NaN when a logged loss exceeds this factor times the median of the last 20 logged losses
-    (the first being the run's first micro-batch loss); 0 disables the guard."""
+    """Stop like on a NaN when a logged denoising loss exceeds this factor times the median of the last 20 logged
+    ones (the first being the run's first micro-batch's); 0 disables the guard."""
     ema_decay: float = 0.9999
     """EMA decay per step, no warm-up, all parameters including pos_embed."""
     mixed_precision: str = "no"

@@ -41,7 +41,7 @@ def test_second_train_refuses_and_a_killed_holders_lock_is_taken_over(tmp_path):
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "step-00000001").is_dir())
         assert holder(run_dir)["pid"] == first.pid and holder(run_dir)["job"] == "train.py"
-        second = job(f"train.run_dir={run_dir}", "train.max_steps=2", "--resume")  # would finish at once unlocked
+        second = job(f"train.run_dir={run_dir}", "train.max_steps=100000", "--resume")
         out, err = second.communicate(timeout=300)
         assert second.returncode != 0
         last = err.strip().splitlines()[-1]

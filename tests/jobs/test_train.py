@@ -247,7 +247,7 @@ def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FlowObjective, "loss", exploding)
     cfg = tiny(tmp_path / "run", "train.max_steps=12", "train.ckpt_every_steps=4")
-    with pytest.raises(train_job.NonFiniteLoss, match=r"diverging loss at step 8: .*divergence_factor=100.*"
+    with pytest.raises(train_job.NonFiniteLoss, match=r"diverging denoising loss at step 8: .*divergence_factor=100.*"
                                                        r"step-00000004"):
         train_job.train(cfg)
     assert latest_checkpoint(cfg.train.run_dir).name == "step-00000004"
