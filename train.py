@@ -201,7 +201,7 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
     if module.summary():
         accelerator.print(module.summary())
     if t.compile:
-        model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
+        model.compile_regions()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
     # A checkpoint holds the optimizer of the phase that wrote it; a transition due at its step happens after loading.
     saved = read_train_state(ckpt) if ckpt is not None else {"step": 0}
     step = saved["step"]

@@ -1,6 +1,22 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by the whole suite, and the `slow` marker (deselected unless --runslow or REPGEN_SLOW=1)."""
+import os
+
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `slow` tests in the default run (CI keeps within its time); --runslow or REPGEN_SLOW=1 runs them."""
+    if config.getoption("--runslow") or os.environ.get("REPGEN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or REPGEN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

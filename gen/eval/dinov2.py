@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from gen.eval.extractor import check_sha256, exact_float32
+from gen.eval.extractor import check_sha256
+from gen.precision import exact_float32
 from gen.io import load_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

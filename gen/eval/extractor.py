@@ -1,4 +1,4 @@
-"""Plumbing shared by the feature networks: exact float32 execution, local weight files and their sha256.
+"""Plumbing shared by the feature networks: local weight files and their sha256 (exact float32: gen.precision).
 
 As the float32 TF graph of guided-diffusion evaluator.py, the extractor runs in float32 with TF32 off and no autocast,
 whatever the job around it set (train.py enables TF32 and bf16 autocast for the backbone; precision moves FID, SiT
@@ -9,34 +9,8 @@ published and the config key, and the file's sha256 is recorded with every score
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-
-def _precision_knobs() -> list:
-    """The TF32 switches of this torch build: the fp32_precision API (torch >= 2.9) or the legacy allow_tf32 flags."""
-    # Reading a legacy flag after the new API was used raises in torch >= 2.9, so use the new API when it exists.
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
-    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
-
-
-@contextmanager
-def exact_float32(device: torch.device | str):
-    """Run the enclosed code in true float32: TF32 off for matmuls and convolutions, autocast disabled."""
-    knobs = _precision_knobs()
-    saved = [getattr(obj, name) for obj, name, _ in knobs]
-    try:
-        for obj, name, value in knobs:
-            setattr(obj, name, value)
-        with torch.autocast(torch.device(device).type, enabled=False):
-            yield
-    finally:
-        for (obj, name, _), value in zip(knobs, saved):
-            setattr(obj, name, value)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gen.eval.extractor import check_sha256, exact_float32, local_weights
+from gen.eval.extractor import check_sha256, local_weights
+from gen.precision import exact_float32
 
 WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 PUBLISHED = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

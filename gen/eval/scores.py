@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gen.eval.extractor import exact_float32
+from gen.precision import exact_float32
 from gen.eval.frechet import frechet_distance
 
 PR_BLOCK = 10_000  # ADM computes distances in 10,000 x 10,000 blocks; its fp16 -> fp32 fallback is per block

@@ -179,6 +179,13 @@ class Transformer(Backbone):
         """The x/t/y embedders and blocks 1..blocks (pos_embed is frozen anyway)."""
         return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(blocks)))
 
+    def compile_regions(self, **options) -> None:
+        """Compile each block and the final layer in place ("regional compilation"): the blocks share one graph,
+        so compiling costs about one block's time, and taps / early exits between blocks need no recompile."""
+        for block in self.blocks:
+            block.compile(**options)
+        self.final_layer.compile(**options)
+
     def forward(self, x: Tensor, t: Tensor, cond, *, taps=(), stop_at: int | None = None) -> BackboneOutput:
         """Denoise `x` at time `t` under `cond` (a Cond, or class labels); `feats[k]`: tokens after k blocks.
 

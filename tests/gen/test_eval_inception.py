@@ -13,7 +13,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from gen.config import EvalConfig, load_config
 from gen.eval import split_sample_metrics
 from gen.eval.metrics import evaluate_images
-from gen.eval.extractor import exact_float32
+from gen.precision import exact_float32
 from gen.eval.inception import InceptionFeatures, random_inception_state, save_random_inception
 from gen.eval.metrics import MetricSuite
 
