@@ -55,7 +55,10 @@ def load_model(cfg: Config, ema_path: Path, latent, device) -> torch.nn.Module:
         raise CheckpointError(f"{ema_path} does not fit the configured model ({cfg.model.name}): {detail}. Do not "
                               f"override model.* keys when sampling; the run's config.yaml describes the model"
                               ) from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if cfg.sample.compile:
+        model.compile_regions()
+    return model
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -133,7 +136,8 @@ def write_outputs(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, lab
     record = {"checkpoint": str(ema_path.parent), "num_samples": cfg.sample.num_samples,
               "labels": cfg.sample.labels, "rounding": cfg.sample.rounding, "seed": cfg.sample.seed,
               "sampler": {"sampler": cfg.sampler.sampler, "num_steps": cfg.sampler.num_steps,
-                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval)},
+                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval),
+                          "precision": cfg.sampler.precision},
               **scores}
     if cfg.sample.write_images:
         record.update(write_samples(cfg, latent, out, tmp_dir, world, labels, after))

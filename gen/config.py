@@ -67,6 +67,9 @@ class SamplerConfig:
     """Guide only for t in [low, high] (flow time; ddpm: fraction of the chain). REPA's best: [0, 0.7]."""
     eta: float = 0.0
     """DDIM stochasticity (0: deterministic)."""
+    precision: str = "tf32"
+    """Network precision while sampling on a GPU: fp32 (exact), tf32 (TF32 matmuls; REPA generate.py's default) or
+    bf16 (autocast; the sampler's state stays float64). The CPU computes fp32 and tf32 alike."""
 
 
 @dataclass
@@ -189,6 +192,8 @@ class SampleConfig:
     metrics: List[str] = field(default_factory=list)
     """Metrics of the samples: fid, sfid, is, pr, fd_dinov2 or adm (the four ADM ones), streamed while sampling
     against eval.reference; digits (class consistency and Frechet distance on the digits quickstart)."""
+    compile: bool = False
+    """torch.compile the backbone's blocks for sampling (regional: compiled once, seconds on a GPU)."""
     write_images: bool = True
     """Write the .npz and grid; false streams the samples into sample.metrics only (no image kept)."""
 
@@ -445,6 +450,7 @@ def validate(cfg: Config) -> None:
           f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
     check(0.0 <= cfg.cond.label_dropout < 1.0, "cond.label_dropout", "must lie in [0, 1)")
     check(cfg.cond.num_classes > 0, "cond.num_classes", "must be positive")
+    check(cfg.sampler.precision in ("fp32", "tf32", "bf16"), "sampler.precision", "one of fp32, tf32, bf16")
     lo_hi = cfg.sampler.cfg_interval
     check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
     t = cfg.train

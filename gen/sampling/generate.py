@@ -9,19 +9,21 @@ from torch import Tensor, nn
 
 from gen.cond import as_cond
 from gen.config import SamplerConfig
+from gen.precision import precision
 from gen.sampling.noise import Generators, sample_generators
 
 
 @torch.no_grad()
 def generate(model: nn.Module, objective, latent, cond, x_T: Tensor, scfg: SamplerConfig,
              generator: Generators = None, rounding: str = "round") -> Tensor:
-    """Sample from the prior draw `x_T` under `cond` (a Cond, or class labels) with the configured sampler and
-    guidance, and decode (images: uint8 (N, 3, H, W))."""
+    """Sample from the prior draw `x_T` under `cond` (a Cond, or class labels) with the configured sampler, guidance
+    and network precision (sampler.precision), and decode (images: uint8 (N, 3, H, W))."""
     was_training = model.training
     model.eval()
     try:
-        z = objective.sample(objective.model_fn(model), x_T, as_cond(cond), generator=generator,
-                             **objective.sample_options(scfg))
+        with precision(scfg.precision, x_T.device):
+            z = objective.sample(objective.model_fn(model), x_T, as_cond(cond), generator=generator,
+                                 **objective.sample_options(scfg))
     finally:
         model.train(was_training)
     return latent.decode(z.float(), rounding=rounding)
