@@ -32,6 +32,7 @@ from gen.eval import build_suite
 from gen.io import JobLock, LockHeld
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid, truncate_jsonl
 from gen.models import build_backbone
+from gen.precision import training_precision
 from gen.objectives import build_objective
 from gen.sampling.generate import generate, generate_indexed, sample_labels
 from gen.step import StepDraws, Trainee, build_aligners, model_inputs
@@ -143,7 +144,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     t = cfg.train
     run_dir = Path(t.run_dir)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=training_precision(t.mixed_precision),
         gradient_accumulation_steps=t.grad_accum_steps,
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),

@@ -135,8 +135,8 @@ class TrainConfig:
     ones (the first being the run's first micro-batch's); 0 disables the guard."""
     ema_decay: float = 0.9999
     """EMA decay per step, no warm-up, all parameters including pos_embed."""
-    mixed_precision: str = "no"
-    """Accelerate mixed precision: no, fp16 (with a GradScaler) or bf16."""
+    mixed_precision: str = "auto"
+    """Accelerate mixed precision: auto (bf16 on a GPU that has it, else no), no, fp16 (with a GradScaler) or bf16."""
     allow_tf32: bool = True
     """TF32 matmuls on Ampere+ GPUs."""
     compile: bool = False
@@ -454,7 +454,7 @@ def validate(cfg: Config) -> None:
     lo_hi = cfg.sampler.cfg_interval
     check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
     t = cfg.train
-    check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
+    check(t.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision", "one of auto, no, fp16, bf16")
     check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")
     check(t.max_steps > 0 and t.ckpt_every_steps > 0, "train.max_steps", "steps must be positive")
     check(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor", "0 (off) or above 1")

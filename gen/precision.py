@@ -10,6 +10,17 @@ from contextlib import contextmanager
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def training_precision(setting: str) -> str:
+    """Accelerate's mixed_precision for train.mixed_precision: "auto" is bf16 on a CUDA device that supports it
+    (no loss scaling, the fast path) and "no" elsewhere (the CPU, where bf16 is slower); others as given."""
+    if setting not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed precision {setting!r} is not one of {MIXED_PRECISIONS}")
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _tf32_knobs() -> list[tuple[object, str, object, object]]:

@@ -88,3 +88,16 @@ def test_compile_regions_matches_eager_and_keeps_parameter_names():
     torch.testing.assert_close(compiled.feats[2], eager.feats[2], rtol=1e-4, atol=1e-5)
     early = model(x, t, y, taps=(1,), stop_at=1)
     assert early.out is None and early.feats[1].shape == (2, 16, 384)
+
+
+def test_auto_mixed_precision_is_bf16_only_on_a_gpu(monkeypatch):
+    from gen.precision import training_precision
+
+    assert training_precision("fp16") == "fp16" and training_precision("no") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_precision("auto") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training_precision("auto") == "bf16"
+    with pytest.raises(ValueError, match="auto"):
+        training_precision("fp8")
