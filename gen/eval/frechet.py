@@ -34,12 +34,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     # Symmetrise the inputs: accumulated covariances are symmetric only up to rounding, and eigh reads one triangle.
     sigma1 = 0.5 * (sigma1 + sigma1.T)
     sigma2 = 0.5 * (sigma2 + sigma2.T)
-    # Tr (S1 S2)^1/2 = sum sqrt(eig(S1^1/2 S2 S1^1/2)): the product S1 S2 is not symmetric (eigvalsh of it is
-    # wrong, torch-fidelity #46), but it is similar to the PSD matrix S1^1/2 S2 S1^1/2. Clamping the eigenvalues
-    # at 0 keeps a singular (N < d) covariance finite.
-    lam, u = np.linalg.eigh(sigma1)
-    s = (u * np.sqrt(np.clip(lam, 0.0, None))) @ u.T
-    m = s @ sigma2 @ s
+    # Tr (S1 S2)^1/2 = sum sqrt(eig(S1 S2)). The product S1 S2 is not symmetric (eigvalsh of it is wrong,
+    # torch-fidelity #46), but it is similar to the PSD matrix L^T S2 L for any factor S1 = L L^T: the Cholesky
+    # factor when S1 is positive definite (a third of the time of an eigendecomposition), else the symmetric root
+    # S1^1/2 from eigh, eigenvalues clamped at 0 so that a singular (N < d) covariance stays finite.
+    try:
+        factor = np.linalg.cholesky(sigma1)
+    except np.linalg.LinAlgError:
+        lam, u = np.linalg.eigh(sigma1)
+        factor = (u * np.sqrt(np.clip(lam, 0.0, None))) @ u.T
+    m = factor.T @ sigma2 @ factor
     m = 0.5 * (m + m.T)
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(m), 0.0, None)).sum()
     diff = mu1 - mu2
