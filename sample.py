@@ -56,8 +56,7 @@ def load_model(cfg: Config, ema_path: Path, latent, device) -> torch.nn.Module:
                               f"override model.* keys when sampling; the run's config.yaml describes the model"
                               ) from None
     model = model.to(device).eval()
-    if cfg.sample.compile:
-        model.compile_regions()
+    model.compile_regions_for(cfg.sample.compile, device)
     return model
 
 

@@ -201,8 +201,7 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                           f"data.cache_features={missing}, or train from data.name=image_folder")
     if module.summary():
         accelerator.print(module.summary())
-    if t.compile:
-        model.compile_regions()  # in place: parameter names (checkpoints, EMA) stay those of the plain module
+    model.compile_regions_for(t.compile, device)  # in place: parameter names (checkpoints, EMA) stay as they are
     # A checkpoint holds the optimizer of the phase that wrote it; a transition due at its step happens after loading.
     saved = read_train_state(ckpt) if ckpt is not None else {"step": 0}
     step = saved["step"]

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 
@@ -62,6 +63,14 @@ class Backbone(nn.Module, ABC):
     def forward(self, x: Tensor, t: Tensor, cond, *, taps: Iterable[int] = (),
                 stop_at: int | None = None) -> BackboneOutput:
         """Denoise x at time t under `cond` (a gen.cond.Cond); feats[k] for k in taps; stop after block stop_at."""
+
+    def compile_regions_for(self, setting: bool | None, device) -> bool:
+        """Compile (compile_regions) as train.compile / sample.compile say: True, False, or None for "on a GPU
+        only"; returns whether it did."""
+        wanted = torch.device(device).type == "cuda" if setting is None else bool(setting)
+        if wanted:
+            self.compile_regions()
+        return wanted
 
     def compile_regions(self, **options) -> None:
         """torch.compile this network in place (parameter names, hence checkpoints and the EMA, stay those of the

@@ -101,3 +101,13 @@ def test_auto_mixed_precision_is_bf16_only_on_a_gpu(monkeypatch):
     assert training_precision("auto") == "bf16"
     with pytest.raises(ValueError, match="auto"):
         training_precision("fp8")
+
+
+def test_compile_setting_null_compiles_on_a_gpu_only():
+    """train.compile / sample.compile: null compiles on CUDA devices only; True/False as said (nothing runs here)."""
+    model = build_model("SiT-S/2", input_size=8, depth=2)
+    compiled = lambda: [m._compiled_call_impl is not None for m in (*model.blocks, model.final_layer)]  # noqa: E731
+    assert not model.compile_regions_for(None, "cpu") and not any(compiled())
+    assert not model.compile_regions_for(False, "cuda") and not any(compiled())
+    assert model.compile_regions_for(None, "cuda") and all(compiled())
+    assert model._compiled_call_impl is None  # the blocks, not the whole forward
