@@ -65,6 +65,10 @@ class SamplerConfig:
     """Classifier-free guidance scale w (v = v_u + w (v_c - v_u)); 1 disables guidance."""
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])
     """Guide only for t in [low, high] (flow time; ddpm: fraction of the chain). REPA's best: [0, 0.7]."""
+    heun_guidance: str = "step_start"
+    """heun with cfg_interval: step_start guides a step's corrector iff its start time lies in the interval, like its
+    predictor (REPA samplers.py); each_eval judges the corrector at its own time. They differ only on the step
+    that straddles an interval edge."""
     eta: float = 0.0
     """DDIM stochasticity (0: deterministic)."""
 
@@ -447,6 +451,8 @@ def validate(cfg: Config) -> None:
     check(cfg.cond.num_classes > 0, "cond.num_classes", "must be positive")
     lo_hi = cfg.sampler.cfg_interval
     check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
+    from gen.sampling.solvers import HEUN_GUIDANCE
+    check(cfg.sampler.heun_guidance in HEUN_GUIDANCE, "sampler.heun_guidance", f"one of {', '.join(HEUN_GUIDANCE)}")
     t = cfg.train
     check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
     check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")

@@ -317,11 +317,15 @@ class FlowObjective(Objective):
         return LossOutput(loss=mean_flat(weight * err**2), x_t=x_t, t=t, noise=noise, cond=cond, feats=dict(out.feats))
 
     def sample_options(self, scfg) -> dict:
-        """`sample` keyword arguments from a gen.config.SamplerConfig (sampler, steps, CFG scale and interval)."""
+        """`sample` keyword arguments from a gen.config.SamplerConfig (sampler, steps, CFG scale and interval, and
+        Heun's guidance rule)."""
         if scfg.eta != 0.0:
             raise ValueError(f"sampler.eta={scfg.eta} is DDIM's stochasticity; flow samplers take no eta (set it to 0)")
-        return {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale,
-                "cfg_interval": tuple(scfg.cfg_interval)}
+        options = {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale,
+                   "cfg_interval": tuple(scfg.cfg_interval)}
+        if scfg.sampler == "heun":
+            options["guidance"] = scfg.heun_guidance
+        return options
 
     def sample(self, model_fn: Callable, noise: Tensor, cond, *, sampler: str = "euler_maruyama",
                num_steps: int | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
@@ -334,9 +338,11 @@ class FlowObjective(Objective):
         guided = with_cfg(model_fn, cfg_scale, self.cond, cfg_interval)
         channels = noise.shape[1]
 
-        def velocity_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-            """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed)."""
-            pred = guided(x, t, cond)[:, :channels]
+        def velocity_fn(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | None = None) -> Tensor:
+            """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed); `t_guide`:
+            the time the guidance interval is judged at (Heun's corrector, gen.sampling.solvers.HEUN_GUIDANCE)."""
+            guide = {} if t_guide is None or guided is model_fn else {"t_guide": t_guide}
+            pred = guided(x, t, cond, **guide)[:, :channels]
             if self.prediction == "velocity":
                 return pred
             return self.path.convert(pred.double(), x.double(), t, self.prediction, "velocity")
