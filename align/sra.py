@@ -3,7 +3,8 @@ to a later block of the EMA teacher.
 
 The student's tokens after block `student_layer` go through a head D -> 2D -> D; the target is the EMA
 teacher's raw tokens after block `teacher_layer` on the same x0 and noise at a less noisy time
-t_t = clamp(t_s - u t_max, 0, 1), u ~ U(0, 1) per sample, with the student's post-dropout labels (SRA SiT-SRA/loss.py).
+t_t = clamp(t_s - u t_max, 0, 1), u ~ U(0, 1) per sample, with the student's post-dropout labels (SRA SiT-SRA/loss.py);
+the objective defines the view (`teacher_view`: DDPM's integer steps follow SRA DiT-SRA instead).
 The teacher is `batch.teacher`, a callable the Trainee builds around the trainer's EMA model (no_grad, eval,
 early exit). The head is training-only: the backbone has none.
 
@@ -79,7 +80,8 @@ class SRAConfig(ComponentConfig):
     teacher_layer: Optional[int] = None
     """EMA-teacher block aligned to (1-based, early exit there); null: SiT S/B 8, L 16, XL 20, DiT-XL 16."""
     t_max: float = 0.2
-    """Teacher time t_s - u * t_max (a fraction of the objective's time range), u ~ U(0, 1); paper 0.2."""
+    """Teacher time t_s - u * t_max (a fraction of the objective's time range), u ~ U(0, 1); paper 0.2. DDPM:
+    t_s - randint(0, int(T * t_max)) clamped to [1, T - 1], as SRA DiT-SRA."""
     loss: str = "cosine"
     """Alignment loss: cosine (per-token 1 - cos, recommended) or smooth_l1 (beta 0.05, the paper's)."""
     coeff: float = 0.5
