@@ -49,6 +49,14 @@ def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(dim=-1)
 
 
+def token_axis_cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """The reference code's `--loss-type cos` (SRA SiT-SRA/loss.py, its default): 1 - F.cosine_similarity(pred,
+    target) with torch's default dim=1, which on (N, T, D) tokens is the cosine over the token axis, one per
+    channel; mean over channels, fp32, (N,). An ablation: the per-token cosine (`cosine`) is what the paper and the
+    SRA README describe."""
+    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=1).mean(dim=-1)
+
+
 def smooth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Smooth-L1 with beta 0.05, mean over tokens and channels (SRA SiT-SRA/loss.py, the paper's variant), fp32,
     (N,)."""
@@ -58,7 +66,8 @@ def smooth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 # Keys are what `align.sra.loss` takes. The paper's smooth-L1 schedule (SRA SiT-SRA/train.py, by epoch) is constant
 # through 400K steps at batch 256, so both variants use a constant weight here.
-SRA_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_loss, "smooth_l1": smooth_l1_loss}
+SRA_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_loss, "smooth_l1": smooth_l1_loss,
+                                                              "token_axis_cosine": token_axis_cosine_loss}
 
 
 def build_head(hidden_size: int) -> nn.Sequential:
@@ -83,7 +92,8 @@ class SRAConfig(ComponentConfig):
     """Teacher time t_s - u * t_max (a fraction of the objective's time range), u ~ U(0, 1); paper 0.2. DDPM:
     t_s - randint(0, int(T * t_max)) clamped to [1, T - 1], as SRA DiT-SRA."""
     loss: str = "cosine"
-    """Alignment loss: cosine (per-token 1 - cos, recommended) or smooth_l1 (beta 0.05, the paper's)."""
+    """Alignment loss: cosine (per-token 1 - cos, recommended), smooth_l1 (beta 0.05, the paper's) or
+    token_axis_cosine (ablation: the reference code's default `cos`, a cosine over the token axis per channel)."""
     coeff: float = 0.5
     """Loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
     stop_step: Optional[int] = None

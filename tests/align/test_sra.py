@@ -154,7 +154,7 @@ def test_ddpm_teacher_step_is_the_reference_randint_offset_clamped_to_1_999():
     assert t_t.tolist() == [1, 500, 999]
 
 
-@pytest.mark.parametrize("loss", ["cosine", "smooth_l1"])
+@pytest.mark.parametrize("loss", ["cosine", "smooth_l1", "token_axis_cosine"])
 def test_loss_equals_formula_on_pinned_inputs(loss):
     torch.manual_seed(0)
     sra = SRA(D, 1, 2, loss=loss)
@@ -167,6 +167,10 @@ def test_loss_equals_formula_on_pinned_inputs(loss):
     if loss == "cosine":
         cos = (pred * h_t).sum(-1) / (pred.norm(dim=-1) * h_t.norm(dim=-1))
         expected = 1 - cos.mean(dim=1)
+    elif loss == "token_axis_cosine":  # SRA SiT-SRA/loss.py `cos`: torch's dim=1 on (N, T, D) is the token axis
+        cos = (pred * h_t).sum(1) / (pred.norm(dim=1) * h_t.norm(dim=1))  # (N, D): one cosine per channel
+        expected = 1 - cos.mean(dim=1)
+        torch.testing.assert_close(expected.mean(), (1 - F.cosine_similarity(pred, h_t)).mean())  # the reference's
     else:
         diff = (pred - h_t).abs()
         expected = torch.where(diff < 0.05, 0.5 * diff**2 / 0.05, diff - 0.025).mean(dim=(1, 2))
@@ -217,6 +221,7 @@ def test_config_validation():
         load_config(base, ["align.sra.coeff=-1"])
     with pytest.raises(ConfigError, match="align.sra.loss"):
         load_config(base, ["align.sra.loss=l2"])
+    assert load_config(base, ["align.sra.loss=token_axis_cosine"]).align.sra.loss == "token_axis_cosine"
     with pytest.raises(ConfigError, match="align.sra.t_max"):
         load_config(base, ["align.sra.t_max=1.5"])
 
