@@ -64,8 +64,9 @@ def smooth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 
-# Keys are what `align.sra.loss` takes. The paper's smooth-L1 schedule (SRA SiT-SRA/train.py, by epoch) is constant
-# through 400K steps at batch 256, so both variants use a constant weight here.
+# Keys are what `align.sra.loss` takes. The reference's smooth-L1 weight (SRA SiT-SRA/train.py and DiT-SRA/train.py,
+# by epoch) is constant until epoch 149 and then falls tenfold per 1000 epochs: align.sra.decay_start_step and
+# half_life_steps give it by step (configs/dit_xl2_sra.yaml); constant otherwise.
 SRA_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_loss, "smooth_l1": smooth_l1_loss,
                                                               "token_axis_cosine": token_axis_cosine_loss}
 
@@ -98,14 +99,24 @@ class SRAConfig(ComponentConfig):
     """Loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
     stop_step: Optional[int] = None
     """Weight 0 from this optimizer step on; null keeps it on."""
+    decay_start_step: Optional[int] = None
+    """null: constant weight. Else coeff until this step, then halving every half_life_steps (the reference's
+    smooth-L1 schedule by step: epoch 149 at 5004 steps an epoch, tenfold per 1000 epochs)."""
+    half_life_steps: Optional[float] = None
+    """Steps over which the weight halves after decay_start_step (1000 epochs x log10(2) for the reference's)."""
 
     def validate(self, cfg) -> None:
-        """Layers within the backbone, offset, loss, weight and stop step."""
+        """Layers within the backbone, offset, loss, weight, its decay and stop step."""
         default_pair(cfg)
         check(0.0 <= self.t_max <= 1.0, "align.sra.t_max", "must lie in [0, 1]")
         check(self.loss in SRA_LOSSES, "align.sra.loss", f"one of {sorted(SRA_LOSSES)}, got {self.loss!r}")
         check(self.coeff >= 0, "align.sra.coeff", "must be >= 0")
         check(self.stop_step is None or self.stop_step > 0, "align.sra.stop_step", "null or a positive step")
+        decays = self.decay_start_step is not None
+        check(decays == (self.half_life_steps is not None), "align.sra.half_life_steps",
+              "set both align.sra.decay_start_step and align.sra.half_life_steps, or neither (constant weight)")
+        check(not decays or (self.decay_start_step >= 0 and self.half_life_steps > 0), "align.sra.half_life_steps",
+              "decay_start_step >= 0 and half_life_steps > 0")
 
 
 class SRA(Aligner):
@@ -160,7 +171,11 @@ class SRA(Aligner):
         if type(objective).teacher_view is Objective.teacher_view:
             raise ValueError(f"config key 'align.methods': SRA needs a teacher view, which objective "
                              f"{cfg.objective.name!r} does not define")
-        schedule = WeightSchedule(a.coeff, stop_step=a.stop_step)
+        if a.decay_start_step is None:
+            schedule = WeightSchedule(a.coeff, stop_step=a.stop_step)
+        else:
+            schedule = WeightSchedule(a.coeff, "halving", stop_step=a.stop_step, start_step=a.decay_start_step,
+                                      half_life_steps=a.half_life_steps)
         return cls(model.token_width(student), student, teacher, t_max=a.t_max, loss=a.loss, schedule=schedule)
 
     def extra_repr(self) -> str:
