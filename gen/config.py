@@ -451,8 +451,6 @@ def validate(cfg: Config) -> None:
     check(cfg.cond.num_classes > 0, "cond.num_classes", "must be positive")
     lo_hi = cfg.sampler.cfg_interval
     check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, "sampler.cfg_interval", "[low, high] within [0, 1]")
-    from gen.sampling.solvers import HEUN_GUIDANCE
-    check(cfg.sampler.heun_guidance in HEUN_GUIDANCE, "sampler.heun_guidance", f"one of {', '.join(HEUN_GUIDANCE)}")
     t = cfg.train
     check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "one of no, fp16, bf16")
     check(t.global_batch_size > 0 and t.grad_accum_steps > 0, "train.global_batch_size", "must be positive")

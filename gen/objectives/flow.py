@@ -27,7 +27,7 @@ from gen.config import ComponentConfig, check
 from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import Generators
-from gen.sampling.solvers import ode_grid, sample_euler, sample_euler_maruyama, sample_heun, sde_grid
+from gen.sampling.solvers import HEUN_GUIDANCE, ode_grid, sample_euler, sample_euler_maruyama, sample_heun, sde_grid
 
 
 class Coefficients(NamedTuple):
@@ -234,7 +234,7 @@ class FlowConfig(ComponentConfig):
     """Training time distribution: uniform or lognormal."""
 
     def validate(self, cfg) -> None:
-        """Registered choices, and combinations SiT's transport allows."""
+        """Registered choices, combinations SiT's transport allows, and Heun's guidance rule (a flow sampler)."""
         for key, table in (("path", PATHS), ("prediction", _ERRORS), ("weighting", WEIGHTINGS),
                            ("time_sampler", TIME_SAMPLERS)):
             check(getattr(self, key) in table, f"objective.flow.{key}", f"one of {sorted(table)}")
@@ -242,6 +242,7 @@ class FlowConfig(ComponentConfig):
               "applies to noise/score predictions only (SiT transport.py); use none with prediction=velocity")
         check(self.time_sampler != "lognormal" or self.path in _TIME_AT_RATIO, "objective.flow.time_sampler",
               f"lognormal is defined for paths {sorted(_TIME_AT_RATIO)} (REPA loss.py); use uniform")
+        check(cfg.sampler.heun_guidance in HEUN_GUIDANCE, "sampler.heun_guidance", f"one of {', '.join(HEUN_GUIDANCE)}")
 
 
 class FlowObjective(Objective):

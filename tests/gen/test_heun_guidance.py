@@ -72,3 +72,13 @@ def test_heun_guides_by_the_step_start_by_default_through_the_objective():
 def test_heun_refuses_an_unknown_guidance_rule():
     with pytest.raises(ValueError, match="step_start"):
         sample_heun(lambda x, t, **_: x, torch.ones(1, 1), torch.tensor([1.0, 0.0], dtype=F64), guidance="t_next")
+
+
+def test_the_rule_is_a_sampler_config_field():
+    from gen.config import ConfigError, SamplerConfig, load_config
+
+    assert load_config(None, []).sampler.heun_guidance == "step_start"
+    opts = FlowObjective(null_class=NULL).sample_options(SamplerConfig(sampler="heun", heun_guidance="each_eval"))
+    assert opts["guidance"] == "each_eval"
+    with pytest.raises(ConfigError, match="sampler.heun_guidance"):
+        load_config(None, ["sampler.heun_guidance=t_next"])
