@@ -3,7 +3,8 @@ to a later block of the EMA teacher.
 
 The student's tokens after block `student_layer` go through a head D -> 2D -> D; the target is the EMA
 teacher's raw tokens after block `teacher_layer` on the same x0 and noise at a less noisy time
-t_t = clamp(t_s - u t_max, 0, 1), u ~ U(0, 1) per sample, with the student's post-dropout labels (SRA SiT-SRA/loss.py).
+t_t = clamp(t_s - u t_max, 0, 1), u ~ U(0, 1) per sample, with the student's post-dropout labels (SRA SiT-SRA/loss.py);
+the objective defines the view (`teacher_view`: DDPM's integer steps follow SRA DiT-SRA instead).
 The teacher is `batch.teacher`, a callable the Trainee builds around the trainer's EMA model (no_grad, eval,
 early exit). The head is training-only: the backbone has none.
 
@@ -48,6 +49,14 @@ def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(dim=-1)
 
 
+def token_axis_cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """The reference code's `--loss-type cos` (SRA SiT-SRA/loss.py, its default): 1 - F.cosine_similarity(pred,
+    target) with torch's default dim=1, which on (N, T, D) tokens is the cosine over the token axis, one per
+    channel; mean over channels, fp32, (N,). An ablation: the per-token cosine (`cosine`) is what the paper and the
+    SRA README describe."""
+    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=1).mean(dim=-1)
+
+
 def smooth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Smooth-L1 with beta 0.05, mean over tokens and channels (SRA SiT-SRA/loss.py, the paper's variant), fp32,
     (N,)."""
@@ -55,9 +64,11 @@ def smooth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 
-# Keys are what `align.sra.loss` takes. The paper's smooth-L1 schedule (SRA SiT-SRA/train.py, by epoch) is constant
-# through 400K steps at batch 256, so both variants use a constant weight here.
-SRA_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_loss, "smooth_l1": smooth_l1_loss}
+# Keys are what `align.sra.loss` takes. The reference's smooth-L1 weight (SRA SiT-SRA/train.py and DiT-SRA/train.py,
+# by epoch) is constant until epoch 149 and then falls tenfold per 1000 epochs: align.sra.decay_start_step and
+# half_life_steps give it by step (configs/dit_xl2_sra.yaml); constant otherwise.
+SRA_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_loss, "smooth_l1": smooth_l1_loss,
+                                                              "token_axis_cosine": token_axis_cosine_loss}
 
 
 def build_head(hidden_size: int) -> nn.Sequential:
@@ -79,21 +90,33 @@ class SRAConfig(ComponentConfig):
     teacher_layer: Optional[int] = None
     """EMA-teacher block aligned to (1-based, early exit there); null: SiT S/B 8, L 16, XL 20, DiT-XL 16."""
     t_max: float = 0.2
-    """Teacher time t_s - u * t_max (a fraction of the objective's time range), u ~ U(0, 1); paper 0.2."""
+    """Teacher time t_s - u * t_max (a fraction of the objective's time range), u ~ U(0, 1); paper 0.2. DDPM:
+    t_s - randint(0, int(T * t_max)) clamped to [1, T - 1], as SRA DiT-SRA."""
     loss: str = "cosine"
-    """Alignment loss: cosine (per-token 1 - cos, recommended) or smooth_l1 (beta 0.05, the paper's)."""
+    """Alignment loss: cosine (per-token 1 - cos, recommended), smooth_l1 (beta 0.05, the paper's) or
+    token_axis_cosine (ablation: the reference code's default `cos`, a cosine over the token axis per channel)."""
     coeff: float = 0.5
     """Loss weight lambda, constant (cosine 0.5; the paper's smooth-L1 uses 0.2)."""
     stop_step: Optional[int] = None
     """Weight 0 from this optimizer step on; null keeps it on."""
+    decay_start_step: Optional[int] = None
+    """null: constant weight. Else coeff until this step, then halving every half_life_steps (the reference's
+    smooth-L1 schedule by step: epoch 149 at 5004 steps an epoch, tenfold per 1000 epochs)."""
+    half_life_steps: Optional[float] = None
+    """Steps over which the weight halves after decay_start_step (1000 epochs x log10(2) for the reference's)."""
 
     def validate(self, cfg) -> None:
-        """Layers within the backbone, offset, loss, weight and stop step."""
+        """Layers within the backbone, offset, loss, weight, its decay and stop step."""
         default_pair(cfg)
         check(0.0 <= self.t_max <= 1.0, "align.sra.t_max", "must lie in [0, 1]")
         check(self.loss in SRA_LOSSES, "align.sra.loss", f"one of {sorted(SRA_LOSSES)}, got {self.loss!r}")
         check(self.coeff >= 0, "align.sra.coeff", "must be >= 0")
         check(self.stop_step is None or self.stop_step > 0, "align.sra.stop_step", "null or a positive step")
+        decays = self.decay_start_step is not None
+        check(decays == (self.half_life_steps is not None), "align.sra.half_life_steps",
+              "set both align.sra.decay_start_step and align.sra.half_life_steps, or neither (constant weight)")
+        check(not decays or (self.decay_start_step >= 0 and self.half_life_steps > 0), "align.sra.half_life_steps",
+              "decay_start_step >= 0 and half_life_steps > 0")
 
 
 class SRA(Aligner):
@@ -148,7 +171,11 @@ class SRA(Aligner):
         if type(objective).teacher_view is Objective.teacher_view:
             raise ValueError(f"config key 'align.methods': SRA needs a teacher view, which objective "
                              f"{cfg.objective.name!r} does not define")
-        schedule = WeightSchedule(a.coeff, stop_step=a.stop_step)
+        if a.decay_start_step is None:
+            schedule = WeightSchedule(a.coeff, stop_step=a.stop_step)
+        else:
+            schedule = WeightSchedule(a.coeff, "halving", stop_step=a.stop_step, start_step=a.decay_start_step,
+                                      half_life_steps=a.half_life_steps)
         return cls(model.token_width(student), student, teacher, t_max=a.t_max, loss=a.loss, schedule=schedule)
 
     def extra_repr(self) -> str:

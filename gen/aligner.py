@@ -45,8 +45,9 @@ class AlignBatch:
 # A schedule maps (its settings, step) to the weight; the names are what configs type.
 SCHEDULES: dict[str, Callable[[WeightSchedule, int], float]] = {
     "constant": lambda s, step: s.coeff,
-    # ERW phase 2 (LINs-lab/ERW train.py): lambda(k) = c0 * 2^(-(k - W) / H), W = warmup steps, H = half-life in steps.
-    "halving": lambda s, step: s.coeff * 2.0 ** (-(step - s.start_step) / s.half_life_steps),
+    # c0 until start_step S, then c0 * 2^(-(k - S) / H), H = half-life in steps: ERW phase 2 (LINs-lab/ERW train.py,
+    # S = the warmup steps) and SRA's smooth-L1 schedule (vvvvvjdy/SRA train.py, by epoch: x0.1 per 1000 epochs).
+    "halving": lambda s, step: s.coeff * 2.0 ** (-max(step - s.start_step, 0) / s.half_life_steps),
 }
 
 
@@ -58,7 +59,7 @@ class WeightSchedule:
     kind: str = "constant"
     # Weight 0 for step >= stop_step (HASTE-style early stop: the HASTE paper switches REPA off during training).
     stop_step: int | None = None
-    start_step: int = 0  # "halving": the step at which the weight is `coeff`
+    start_step: int = 0  # "halving": the step from which the weight decays (`coeff` until then)
     half_life_steps: float | None = None  # "halving": steps over which the weight halves
 
     def __post_init__(self):

@@ -65,6 +65,10 @@ class SamplerConfig:
     """Classifier-free guidance scale w (v = v_u + w (v_c - v_u)); 1 disables guidance."""
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])
     """Guide only for t in [low, high] (flow time; ddpm: fraction of the chain). REPA's best: [0, 0.7]."""
+    heun_guidance: str = "step_start"
+    """heun with cfg_interval: step_start guides a step's corrector iff its start time lies in the interval, like its
+    predictor (REPA samplers.py); each_eval judges the corrector at its own time. They differ only on the step
+    that straddles an interval edge."""
     eta: float = 0.0
     """DDIM stochasticity (0: deterministic)."""
     precision: str = "tf32"

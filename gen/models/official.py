@@ -9,10 +9,14 @@ Conversions:
 - REPA "legacy" files name the blocks after the alignment depth `decoder_blocks.{j}`: renamed to
   `blocks.{j + encoder_depth}` (REPA `utils.load_legacy_checkpoints`).
 - REPA projectors (`projectors.{k}.{0,2,4}`) are not part of the backbone: kept aside for the aligner.
-- SiT runs time the other way (s = 1 - t, s = 0 noise) and predicts u = x - eps = -v. The flip is folded
-  into the weights: the sinusoidal features of 1 - t are a fixed linear map (a reflection per frequency)
-  of those of t, absorbed into `t_embedder.mlp.0.weight`, and the velocity sign into `final_layer.linear`.
-  The converted network computes v(x, t, y) = -f_SiT(x, 1 - t, y) with our plain forward.
+- SiT runs time the other way (s = 1 - t, s = 0 noise). The flip is folded into the weights: the sinusoidal
+  features of 1 - t are a fixed linear map (a reflection per frequency) of those of t, absorbed into
+  `t_embedder.mlp.0.weight`. Reversing time negates a velocity and nothing else (willisma/SiT
+  transport/transport.py training_losses: velocity target d_alpha x1 + d_sigma x0 = data - noise = -v; noise
+  target x0, the noise itself; score target -x0 / sigma_t, the score of the same marginal). So a velocity model's
+  sign goes into `final_layer.linear` too: the converted network computes v(x, t, y) = -f_SiT(x, 1 - t, y),
+  a noise or score model f(x, t, y) = f_SiT(x, 1 - t, y). The prediction comes from a training checkpoint's
+  `args.prediction`; SiT's released files are velocity models.
 - An 8-channel (learned-sigma) head loaded into a 4-channel model keeps the first C values of each
   pixel: each output row is (p, p, C_out) with the channel fastest, so rows are sliced per pixel.
 """
@@ -34,7 +38,7 @@ from gen.models.dit import Transformer
 # How each repo's files differ from our convention. "family" picks the registry entry to rebuild.
 SOURCES: dict[str, dict] = {
     "dit": dict(family="DiT", flip_time=False),  # DDPM, integer t: used as is by the ddpm objective
-    "sit": dict(family="SiT", flip_time=True),  # SiT repo: s = 1 - t, predicts -v
+    "sit": dict(family="SiT", flip_time=True),  # SiT repo: s = 1 - t; a velocity model predicts -v
     "repa": dict(family="SiT", flip_time=False),  # REPA: our convention (t = 0 data), 4-channel head
 }
 
@@ -91,12 +95,19 @@ def _rename_legacy_blocks(state: dict[str, Tensor], encoder_depth: int | None) -
     }
 
 
-def flip_time(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Fold t -> 1 - t and v -> -v into the weights (an involution: applying it twice is the identity).
+# The output sign under time reversal, per SiT `--prediction` (train_utils.py parse_transport_args).
+OUTPUT_SIGN: dict[str, int] = {"velocity": -1, "noise": 1, "score": 1}
+
+
+def flip_time(state: dict[str, Tensor], prediction: str = "velocity") -> dict[str, Tensor]:
+    """Fold t -> 1 - t into the weights, and v -> -v for a velocity model (an involution: applying it twice is the
+    identity). Noise and score predictions keep their sign (OUTPUT_SIGN).
 
     cos(f(1-t)) = cos f cos(ft) + sin f sin(ft) and sin(f(1-t)) = sin f cos(ft) - cos f sin(ft), so the
     features of 1 - t are R @ features(t) with R a reflection in each (cos, sin) pair; W' = W @ R.
     """
+    if prediction not in OUTPUT_SIGN:
+        raise ValueError(f"unknown SiT prediction {prediction!r}; one of {sorted(OUTPUT_SIGN)}")
     state = dict(state)
     w = state["t_embedder.mlp.0.weight"].double()  # (D, 256): columns cos half then sin half
     half = w.shape[1] // 2
@@ -106,8 +117,9 @@ def flip_time(state: dict[str, Tensor]) -> dict[str, Tensor]:
     wc, ws = w[:, :half], w[:, half:]
     flipped = torch.cat([wc * cos_f + ws * sin_f, wc * sin_f - ws * cos_f], dim=1)
     state["t_embedder.mlp.0.weight"] = flipped.to(state["t_embedder.mlp.0.weight"].dtype)
-    state["final_layer.linear.weight"] = -state["final_layer.linear.weight"]
-    state["final_layer.linear.bias"] = -state["final_layer.linear.bias"]
+    if OUTPUT_SIGN[prediction] < 0:
+        state["final_layer.linear.weight"] = -state["final_layer.linear.weight"]
+        state["final_layer.linear.bias"] = -state["final_layer.linear.bias"]
     return state
 
 
@@ -126,13 +138,14 @@ def fit_head(state: dict[str, Tensor], out_channels: int) -> dict[str, Tensor]:
     return state
 
 
-def _convert(state: dict[str, Tensor], source: str, encoder_depth: int | None) -> tuple[dict, dict]:
+def _convert(state: dict[str, Tensor], source: str, encoder_depth: int | None,
+             prediction: str = "velocity") -> tuple[dict, dict]:
     """One state dict of `source` -> (backbone state in our convention, projector state)."""
     state = _rename_legacy_blocks(_strip_module_prefix(state), encoder_depth)
     aligner = {k: v for k, v in state.items() if _PROJECTOR.match(k)}
     backbone = {k: v for k, v in state.items() if not _PROJECTOR.match(k)}
     if SOURCES[source]["flip_time"]:
-        backbone = flip_time(backbone)
+        backbone = flip_time(backbone, prediction)
     return backbone, aligner
 
 
@@ -144,19 +157,22 @@ def load_official(path: str | Path, source: str, *, encoder_depth: int | None = 
     args = raw.get("args", {})
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     depth = encoder_depth if encoder_depth is not None else args.get("encoder_depth")
+    # SiT training checkpoints name their prediction; SiT's released bare files are velocity models.
+    prediction = args.get("prediction", "velocity") if source == "sit" else "velocity"
     if "model" in raw or "ema" in raw:
-        model, aligner = _convert(raw.get("model") or raw["ema"], source, depth)
-        ema = _convert(raw["ema"], source, depth)[0] if "ema" in raw else None
+        model, aligner = _convert(raw.get("model") or raw["ema"], source, depth, prediction)
+        ema = _convert(raw["ema"], source, depth, prediction)[0] if "ema" in raw else None
         steps = raw.get("steps", raw.get("train_steps"))
     else:
-        model, aligner = _convert(raw, source, depth)
+        model, aligner = _convert(raw, source, depth, prediction)
         ema, steps = None, None
     return OfficialWeights(source, model, ema, aligner, args, int(steps) if steps is not None else None)
 
 
-def to_official(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Our backbone state -> the `source` repo's convention (the inverse of the conversion above)."""
-    return flip_time(state) if SOURCES[source]["flip_time"] else dict(state)
+def to_official(state: dict[str, Tensor], source: str, prediction: str = "velocity") -> dict[str, Tensor]:
+    """Our backbone state of a `prediction` model -> the `source` repo's convention (the inverse of the conversion
+    above)."""
+    return flip_time(state, prediction) if SOURCES[source]["flip_time"] else dict(state)
 
 
 def infer_model(state: dict[str, Tensor], source: str, **overrides) -> tuple[str, dict]:

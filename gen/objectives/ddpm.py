@@ -318,10 +318,15 @@ class DDPMObjective(DiffusionChain, Objective):
         return self.q_sample(x0, t.to(x0.device).long(), noise)
 
     def teacher_view(self, x0: Tensor, t: Tensor, noise: Tensor, u: Tensor, t_max: float) -> tuple[Tensor, Tensor]:
-        """SRA's teacher input on integer steps: t_t = round(t - u t_max T) clamped to 0..T-1, same x0 and noise
-        (vvvvvjdy/SRA DiT-SRA, with a continuous offset)."""
+        """SRA's teacher input on integer steps, as vvvvvjdy/SRA DiT-SRA (train.py, gaussian_diffusion.py
+        training_losses): t_t = clamp(t - k, 1, T - 1) with k = randint(0, K), K = int(T t_max), here
+        k = floor(u K), uniform on {0, ..., K - 1} for u ~ U[0, 1). The clamp's lower end is 1, so a student at
+        t = 0 gets a teacher at step 1. K = 0 (t_max < 1 / T) means k = 0 (the reference's randint refuses it).
+        Same x0 and noise."""
         steps = self.num_timesteps
-        t_t = torch.round(t.double() - u.double() * t_max * steps).clamp(0, steps - 1).long()
+        span = int(steps * t_max)  # the reference's int(diffusion.num_timesteps * args.t_max)
+        k = torch.floor(u.double().to(t.device) * span).clamp(0, max(span - 1, 0)).long()
+        t_t = (t.long() - k).clamp(1, steps - 1)
         return self.noised(x0, t_t, noise), t_t
 
     def compute_loss(self, model, x0: Tensor, cond: Cond, *, taps: tuple[int, ...], t: Tensor,

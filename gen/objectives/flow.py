@@ -27,7 +27,7 @@ from gen.config import ComponentConfig, check
 from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import Generators
-from gen.sampling.solvers import ode_grid, sample_euler, sample_euler_maruyama, sample_heun, sde_grid
+from gen.sampling.solvers import HEUN_GUIDANCE, ode_grid, sample_euler, sample_euler_maruyama, sample_heun, sde_grid
 
 
 class Coefficients(NamedTuple):
@@ -234,7 +234,7 @@ class FlowConfig(ComponentConfig):
     """Training time distribution: uniform or lognormal."""
 
     def validate(self, cfg) -> None:
-        """Registered choices, and combinations SiT's transport allows."""
+        """Registered choices, combinations SiT's transport allows, and Heun's guidance rule (a flow sampler)."""
         for key, table in (("path", PATHS), ("prediction", _ERRORS), ("weighting", WEIGHTINGS),
                            ("time_sampler", TIME_SAMPLERS)):
             check(getattr(self, key) in table, f"objective.flow.{key}", f"one of {sorted(table)}")
@@ -242,6 +242,7 @@ class FlowConfig(ComponentConfig):
               "applies to noise/score predictions only (SiT transport.py); use none with prediction=velocity")
         check(self.time_sampler != "lognormal" or self.path in _TIME_AT_RATIO, "objective.flow.time_sampler",
               f"lognormal is defined for paths {sorted(_TIME_AT_RATIO)} (REPA loss.py); use uniform")
+        check(cfg.sampler.heun_guidance in HEUN_GUIDANCE, "sampler.heun_guidance", f"one of {', '.join(HEUN_GUIDANCE)}")
 
 
 class FlowObjective(Objective):
@@ -317,11 +318,15 @@ class FlowObjective(Objective):
         return LossOutput(loss=mean_flat(weight * err**2), x_t=x_t, t=t, noise=noise, cond=cond, feats=dict(out.feats))
 
     def sample_options(self, scfg) -> dict:
-        """`sample` keyword arguments from a gen.config.SamplerConfig (sampler, steps, CFG scale and interval)."""
+        """`sample` keyword arguments from a gen.config.SamplerConfig (sampler, steps, CFG scale and interval, and
+        Heun's guidance rule)."""
         if scfg.eta != 0.0:
             raise ValueError(f"sampler.eta={scfg.eta} is DDIM's stochasticity; flow samplers take no eta (set it to 0)")
-        return {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale,
-                "cfg_interval": tuple(scfg.cfg_interval)}
+        options = {"sampler": scfg.sampler, "num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale,
+                   "cfg_interval": tuple(scfg.cfg_interval)}
+        if scfg.sampler == "heun":
+            options["guidance"] = scfg.heun_guidance
+        return options
 
     def sample(self, model_fn: Callable, noise: Tensor, cond, *, sampler: str = "euler_maruyama",
                num_steps: int | None = None, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
@@ -334,9 +339,11 @@ class FlowObjective(Objective):
         guided = with_cfg(model_fn, cfg_scale, self.cond, cfg_interval)
         channels = noise.shape[1]
 
-        def velocity_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-            """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed)."""
-            pred = guided(x, t, cond)[:, :channels]
+        def velocity_fn(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | None = None) -> Tensor:
+            """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed); `t_guide`:
+            the time the guidance interval is judged at (Heun's corrector, gen.sampling.solvers.HEUN_GUIDANCE)."""
+            guide = {} if t_guide is None or guided is model_fn else {"t_guide": t_guide}
+            pred = guided(x, t, cond, **guide)[:, :channels]
             if self.prediction == "velocity":
                 return pred
             return self.path.convert(pred.double(), x.double(), t, self.prediction, "velocity")

@@ -18,15 +18,18 @@ def with_cfg(model_fn: Callable, scale: float, conditioning: Conditioning, inter
     channels unless `channels` limits it to the first `channels` (the rest, e.g. DiT's variance outputs, come from
     the conditional branch); the batch is doubled exactly once
     and only for samples whose t lies in [lo, hi] (REPA's guidance interval, Kynkaanniemi et al. 2024); outside it
-    only the conditional pass runs. scale == 1 is the conditional model itself.
+    only the conditional pass runs. scale == 1 is the conditional model itself. The interval is judged at `t_guide`
+    when the solver passes one (Heun's corrector: its step's start time, gen.sampling.solvers.HEUN_GUIDANCE), else
+    at t (with scale 1 `model_fn` itself comes back, which takes no `t_guide`).
     """
     if scale == 1.0:
         return model_fn
     lo, hi = interval
 
-    def guided(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def guided(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | None = None) -> Tensor:
         """Guided prediction; one network call on the batch plus its in-interval unconditional copies."""
-        inside = (t >= lo) & (t <= hi)
+        t_in = t if t_guide is None else t_guide
+        inside = (t_in >= lo) & (t_in <= hi)
         if not bool(inside.any()):
             return model_fn(x, t, cond)
         n = x.shape[0]

@@ -3,9 +3,11 @@
 Time convention (REPA loss.py / samplers.py): t = 1 is noise, t = 0 is data; every sampler integrates t from ts[0]
 down to ts[-1].
 All samplers share one signature `(model_fn, x_T, ts, *, extra_args=None, callback=None, ...)`, where
-`model_fn(x, t, **extra_args)` returns the velocity dx/dt. The state is kept in float64; the network sees x in
-x_T's dtype and t as an (N,) float64 vector (`network_fn` casts it), and its output is cast back to float64
-(REPA `samplers.py` does the same). `callback(dict(i=i, t=t, x=x))` receives the state after step i, now at time t.
+`model_fn(x, t, **extra_args)` returns the velocity dx/dt; Heun's corrector also passes `t_guide`, the time at
+which a guidance interval is judged (gen.sampling.guidance.with_cfg; a model_fn without guidance ignores it). The
+state is kept in float64; the network sees x in x_T's dtype and t as an (N,) float64 vector (`network_fn` casts
+it), and its output is cast back to float64 (REPA `samplers.py` does the same). `callback(dict(i=i, t=t, x=x))`
+receives the state after step i, now at time t.
 """
 from __future__ import annotations
 
@@ -41,10 +43,16 @@ def repa_diffusion(t: float) -> float:
     return 2.0 * t
 
 
-def _velocity(model_fn: Callable, x: Tensor, t: float, dtype: torch.dtype, extra_args: dict) -> Tensor:
+def _velocity(model_fn: Callable, x: Tensor, t: float, dtype: torch.dtype, extra_args: dict, **guide) -> Tensor:
     """One network evaluation: float64 state in, float64 velocity out; the network runs in `dtype`."""
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-    return model_fn(x.to(dtype), t_vec, **extra_args).to(torch.float64)
+    guide = {k: torch.full_like(t_vec, v) for k, v in guide.items()}
+    return model_fn(x.to(dtype), t_vec, **guide, **extra_args).to(torch.float64)
+
+
+HEUN_GUIDANCE = ("step_start", "each_eval")
+"""When Heun's corrector (at t_next) is guided: "step_start", iff its step's start time t lies in the guidance
+interval, as its predictor (REPA samplers.py euler_sampler tests t_cur for both); "each_eval", iff t_next does."""
 
 
 @torch.no_grad()
@@ -63,8 +71,14 @@ def sample_euler(model_fn: Callable, x_T: Tensor, ts: Tensor, *, extra_args: dic
 
 @torch.no_grad()
 def sample_heun(model_fn: Callable, x_T: Tensor, ts: Tensor, *, extra_args: dict | None = None,
-                callback: Callable | None = None) -> Tensor:
-    """Heun (trapezoidal predictor-corrector) ODE; the corrector is skipped on the last step (NFE = 2N - 1, REPA)."""
+                callback: Callable | None = None, guidance: str = "step_start") -> Tensor:
+    """Heun (trapezoidal predictor-corrector) ODE; the corrector is skipped on the last step (NFE = 2N - 1, REPA).
+
+    The corrector's `t_guide` is the step's start time ("step_start", REPA) or its own time ("each_eval"); the two
+    differ only on a step that straddles an edge of the guidance interval (HEUN_GUIDANCE).
+    """
+    if guidance not in HEUN_GUIDANCE:
+        raise ValueError(f"Heun guidance rule {guidance!r}: choose from {HEUN_GUIDANCE}")
     extra_args = extra_args or {}
     grid = ts.tolist()
     last = len(grid) - 2
@@ -75,7 +89,8 @@ def sample_heun(model_fn: Callable, x_T: Tensor, ts: Tensor, *, extra_args: dict
         x_pred = x + dt * v
         if i < last:
             # Skipping the corrector on the last step also keeps the network away from t = 0 exactly.
-            v_next = _velocity(model_fn, x_pred, t_next, x_T.dtype, extra_args)
+            t_guide = t if guidance == "step_start" else t_next
+            v_next = _velocity(model_fn, x_pred, t_next, x_T.dtype, extra_args, t_guide=t_guide)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x_pred

@@ -162,6 +162,7 @@ def test_weight_schedules():
     erw = WeightSchedule(6.0, kind="halving", start_step=100_000, half_life_steps=50_000)
     for k in (100_000, 150_000, 200_000, 123_456):
         assert erw(k) == pytest.approx(6.0 * 2 ** (-(k - 100_000) / 50_000))
+    assert erw(0) == erw(99_999) == 6.0  # coeff until start_step, then halving
     with pytest.raises(ValueError, match="unknown weight schedule"):
         WeightSchedule(1.0, kind="cosine")
     repa = REPA(D, {"a": 8}, DEPTH, projector_dim=16, schedule=stop)

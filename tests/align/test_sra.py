@@ -121,7 +121,7 @@ def test_teacher_time_is_earlier_by_at_most_t_max_and_reproducible(kind):
                        objective=objective, uniform=u)
     _, t_t = objective.teacher_view(x0, t, x0, sra.draw_u(batch), sra.t_max)  # the teacher time SRA uses
     span = 1.0 if kind == "flow" else objective.num_timesteps
-    gap = t.double() - t_t.double()
+    gap = (t.double() - t_t.double())[t > 0]  # DDPM: a student at step 0 has its teacher at step 1
     assert (gap >= 0).all() and (gap <= 0.2 * span + 1e-6).all() and gap.max() > 0.15 * span
     assert (t_t >= 0).all() and (t_t <= (1.0 if kind == "flow" else span - 1)).all()
     if kind == "ddpm":
@@ -129,7 +129,32 @@ def test_teacher_time_is_earlier_by_at_most_t_max_and_reproducible(kind):
     assert torch.equal(sra.draw_u(batch), u)  # the trainer's per-sample draws, nothing of its own
 
 
-@pytest.mark.parametrize("loss", ["cosine", "smooth_l1"])
+def test_ddpm_teacher_step_is_the_reference_randint_offset_clamped_to_1_999():
+    """SRA DiT-SRA: t_t = clamp(t - randint(0, int(1000 t_max)), 1, 999). With t_max 0.2 the offset k = floor(200 u)
+    takes each of 0..199 equally often on an even grid of u in [0, 1), never 200; the clamp is exact at both ends."""
+    objective = DDPMObjective(null_class=CLASSES)
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000  # 5 values of u per offset
+    t = torch.full((1000,), 500)
+    x0 = torch.zeros(1000, 1)
+    _, t_t = objective.teacher_view(x0, t, x0, u, 0.2)
+    assert t_t.dtype == torch.long and torch.equal(torch.bincount(500 - t_t), torch.full((200,), 5))
+    _, t_t = objective.teacher_view(x0, t, x0, torch.rand(1000, generator=torch.Generator().manual_seed(0)), 0.2)
+    assert set((500 - t_t).tolist()) <= set(range(200)) and (500 - t_t).max() >= 190
+    # Hand-computed: (t, u) -> t_t, with k = floor(200 u).
+    t = torch.tensor([0, 0, 5, 150, 999, 999, 300, 1])
+    u = torch.tensor([0.0, 0.999, 0.05, 0.9999, 0.0, 0.5, 0.25, 0.0])
+    _, t_t = objective.teacher_view(torch.zeros(8, 1), t, torch.zeros(8, 1), u, 0.2)
+    assert t_t.tolist() == [1, 1, 1, 1, 999, 899, 250, 1]
+    # int(1000 * 0.1) = 100 offsets (the reference's argparse default); t_max 0: no offset, the clamp alone.
+    _, t_t = objective.teacher_view(torch.zeros(3, 1), torch.tensor([700, 700, 0]), torch.zeros(3, 1),
+                                    torch.tensor([0.999, 0.5, 0.5]), 0.1)
+    assert t_t.tolist() == [601, 650, 1]
+    _, t_t = objective.teacher_view(torch.zeros(3, 1), torch.tensor([0, 500, 999]), torch.zeros(3, 1),
+                                    torch.tensor([0.9, 0.9, 0.9]), 0.0)
+    assert t_t.tolist() == [1, 500, 999]
+
+
+@pytest.mark.parametrize("loss", ["cosine", "smooth_l1", "token_axis_cosine"])
 def test_loss_equals_formula_on_pinned_inputs(loss):
     torch.manual_seed(0)
     sra = SRA(D, 1, 2, loss=loss)
@@ -142,6 +167,10 @@ def test_loss_equals_formula_on_pinned_inputs(loss):
     if loss == "cosine":
         cos = (pred * h_t).sum(-1) / (pred.norm(dim=-1) * h_t.norm(dim=-1))
         expected = 1 - cos.mean(dim=1)
+    elif loss == "token_axis_cosine":  # SRA SiT-SRA/loss.py `cos`: torch's dim=1 on (N, T, D) is the token axis
+        cos = (pred * h_t).sum(1) / (pred.norm(dim=1) * h_t.norm(dim=1))  # (N, D): one cosine per channel
+        expected = 1 - cos.mean(dim=1)
+        torch.testing.assert_close(expected.mean(), (1 - F.cosine_similarity(pred, h_t)).mean())  # the reference's
     else:
         diff = (pred - h_t).abs()
         expected = torch.where(diff < 0.05, 0.5 * diff**2 / 0.05, diff - 0.025).mean(dim=(1, 2))
@@ -192,6 +221,7 @@ def test_config_validation():
         load_config(base, ["align.sra.coeff=-1"])
     with pytest.raises(ConfigError, match="align.sra.loss"):
         load_config(base, ["align.sra.loss=l2"])
+    assert load_config(base, ["align.sra.loss=token_axis_cosine"]).align.sra.loss == "token_axis_cosine"
     with pytest.raises(ConfigError, match="align.sra.t_max"):
         load_config(base, ["align.sra.t_max=1.5"])
 

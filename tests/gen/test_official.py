@@ -5,14 +5,16 @@ import pytest
 import torch
 
 from gen.models import build_model
-from gen.models.official import build_official, fit_head, flip_time, load_official, to_official
+from gen.models.official import OUTPUT_SIGN, build_official, fit_head, flip_time, load_official, to_official
+from gen.objectives.flow import _ERRORS, PATHS
 from helpers import randomize
 
 DEPTH, D, P, C, CLASSES, INPUT = 4, 32, 2, 4, 10, 8
 
 
 def official_shapes(out_channels, qk_norm=False, projector_dims=(), legacy_depth=None, heads=2):
-    """The key -> shape list of the official checkpoints (DiT models.py, SiT models.py, REPA models/sit.py; written by hand, not from our model)."""
+    """The key -> shape list of the official checkpoints (DiT models.py, SiT models.py, REPA models/sit.py; written
+    by hand, not from our model)."""
     t = (INPUT // P) ** 2
     shapes = {
         "pos_embed": (1, t, D),
@@ -93,7 +95,8 @@ def test_repa_legacy_blocks_are_renamed(tmp_path):
     torch.save(training_ckpt(legacy, legacy), tmp_path / "legacy.pt")
     weights = load_official(tmp_path / "legacy.pt", "repa")  # encoder_depth=2 comes from the pickled args
     for j in range(DEPTH - 2):
-        assert torch.equal(weights.model[f"blocks.{j + 2}.attn.qkv.weight"], legacy[f"decoder_blocks.{j}.attn.qkv.weight"])
+        assert torch.equal(weights.model[f"blocks.{j + 2}.attn.qkv.weight"],
+                           legacy[f"decoder_blocks.{j}.attn.qkv.weight"])
     tiny("SiT-S/2").load_state_dict(weights.model, strict=True)
     torch.save(legacy, tmp_path / "bare_legacy.pt")
     with pytest.raises(ValueError, match="encoder_depth"):
@@ -114,6 +117,40 @@ def test_sit_file_is_converted_to_our_time_direction(tmp_path):
     back = to_official(flip_time(sit_state), "sit")  # the flip is an involution
     for k in sit_state:
         torch.testing.assert_close(back[k], sit_state[k], rtol=0, atol=1e-6)
+
+
+def test_sit_output_signs_follow_the_transport_targets():
+    """SiT transport/transport.py training_losses on its Linear path (time s, s = 1 data, x0 = noise, x1 = data):
+    velocity target x1 - x0, noise target x0, score target -x0 / sigma_s with sigma_s = 1 - s. Ours at t = 1 - s
+    (the regression errors of gen.objectives.flow, zero at the target): the velocity is negated, noise and score
+    are the same tensors, which is what OUTPUT_SIGN folds into the head."""
+    g = torch.Generator().manual_seed(0)
+    data, noise = torch.randn(2, 3, C, 4, 4, generator=g, dtype=torch.float64)
+    s = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).view(-1, 1, 1, 1)
+    sit_targets = {"velocity": data - noise, "noise": noise, "score": -noise / (1 - s)}
+    c = PATHS["linear"]().coefficients((1 - s).flatten(), data)
+    for kind, sign in OUTPUT_SIGN.items():
+        ours = sign * sit_targets[kind]
+        torch.testing.assert_close(_ERRORS[kind](ours, data, noise, c), torch.zeros_like(data), rtol=0, atol=1e-12)
+    assert OUTPUT_SIGN == {"velocity": -1, "noise": 1, "score": 1}
+
+
+@pytest.mark.parametrize("prediction,sign", [("velocity", -1), ("noise", 1), ("score", 1)])
+def test_sit_training_checkpoint_keeps_the_sign_of_noise_and_score(tmp_path, prediction, sign):
+    """A SiT training checkpoint with args.prediction: only a velocity flips its sign under t -> 1 - t."""
+    sit_state = random_state(official_shapes(out_channels=8), 9)
+    args = argparse.Namespace(model="SiT-S/2", path_type="Linear", prediction=prediction)
+    torch.save({"model": sit_state, "ema": sit_state, "opt": {}, "args": args}, tmp_path / "0100000.pt")
+    sit_net = tiny("SiT-S/2", learn_sigma=True)
+    sit_net.load_state_dict(sit_state)
+    ours, weights = build_official(tmp_path / "0100000.pt", "sit", learn_sigma=False, num_heads=2)
+    x, t, y = torch.randn(3, C, INPUT, INPUT), torch.tensor([0.1, 0.5, 0.8]), torch.tensor([0, 4, CLASSES])
+    torch.testing.assert_close(ours(x, t, y).out, sign * sit_net(x, 1 - t, y).out[:, :C], rtol=1e-4, atol=1e-5)
+    back = to_official(weights.ema, "sit", prediction)
+    for k in sit_state:
+        torch.testing.assert_close(back[k], sit_state[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction"):
+        flip_time(sit_state, "x0")
 
 
 def test_fit_head_keeps_the_first_channels_of_each_pixel():

@@ -24,7 +24,7 @@ F64 = torch.float64
 
 def point_mass(x0):
     """Exact linear-path velocity from the point mass x0: x_t = (1-t) x0 + t eps -> v = eps - x0 = (x_t - x0)/t."""
-    return lambda x, t, y=None: (x - x0.to(x.dtype)) / t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    return lambda x, t, y=None, **_: (x - x0.to(x.dtype)) / t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
 
 
 class Recorder:
@@ -33,8 +33,8 @@ class Recorder:
     def __init__(self, fn):
         self.fn, self.calls = fn, []
 
-    def __call__(self, x, t, y=None):
-        self.calls.append({"x": x, "t": t, "y": y})
+    def __call__(self, x, t, y=None, **guide):
+        self.calls.append({"x": x, "t": t, "y": y, **guide})
         return self.fn(x, t, y)
 
 
@@ -80,7 +80,7 @@ def test_heun_is_second_order_and_euler_first_order():
     x1 = torch.ones(1, 1, dtype=F64)
 
     def err(sampler, n):
-        return (sampler(lambda x, t: x, x1, ode_grid(n)) - math.exp(-1)).abs().item()
+        return (sampler(lambda x, t, **_: x, x1, ode_grid(n)) - math.exp(-1)).abs().item()
 
     assert 3.5 < err(sample_heun, 20) / err(sample_heun, 40) < 4.5
     assert 1.8 < err(sample_euler, 20) / err(sample_euler, 40) < 2.2
@@ -282,7 +282,8 @@ def test_objective_sample_options_from_the_sampler_config():
 
     opts = FlowObjective(null_class=NULL).sample_options(SamplerConfig(sampler="heun", num_steps=7, cfg_scale=1.8,
                                                                        cfg_interval=[0.0, 0.7]))
-    assert opts == {"sampler": "heun", "num_steps": 7, "cfg_scale": 1.8, "cfg_interval": (0.0, 0.7)}
+    assert opts == {"sampler": "heun", "num_steps": 7, "cfg_scale": 1.8, "cfg_interval": (0.0, 0.7),
+                    "guidance": "step_start"}  # REPA samplers.py's rule by default
     with pytest.raises(ValueError, match="eta"):
         FlowObjective().sample_options(SamplerConfig(eta=0.5))
 

@@ -24,7 +24,8 @@ SHRINK_ALIGN = {"repa": ["align.repa.depth=1"], "sra": ["align.sra.student_layer
 def test_configs_exist():
     assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "sit_b2.yaml", "sit_xl2.yaml", "dit_xl2.yaml",
                                          "quickstart_sra.yaml", "sit_b2_repa.yaml", "sit_xl2_repa.yaml",
-                                         "sit_xl2_sra.yaml", "sit_xl2_erw.yaml", "dit_xl2_repa.yaml"}
+                                         "sit_xl2_sra.yaml", "sit_xl2_erw.yaml", "dit_xl2_repa.yaml",
+                                         "dit_xl2_sra.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -62,7 +63,8 @@ def test_paper_recipes_follow_the_spec_table():
         assert t.max_steps == 400_000 and t.ckpt_every_steps == 50_000
     assert load_config(REPO / "configs" / "dit_xl2.yaml").objective.name == "ddpm"
     for name, depth in (("sit_b2_repa.yaml", 4), ("sit_xl2_repa.yaml", 8), ("dit_xl2_repa.yaml", 8)):
-        cfg = load_config(REPO / "configs" / name)  # REPA README / train.py: DINOv2-B, lambda 0.5, clip 1.0; depth per size
+        # REPA README / train.py: DINOv2-B, lambda 0.5, clip 1.0; depth per size
+        cfg = load_config(REPO / "configs" / name)
         assert (cfg.align.methods, cfg.align.repa.encoders, cfg.align.repa.coeff, cfg.align.repa.depth,
                 cfg.train.grad_clip, cfg.data.cache_features) == (["repa"], ["dinov2-vit-b"], 0.5, depth, 1.0,
                                                                   ["dinov2-vit-b"])
@@ -72,8 +74,37 @@ def test_paper_recipes_follow_the_spec_table():
             a.erw.half_life_steps, erw.model.dit.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
 
 
+def test_dit_sra_recipe_is_the_reference_dit_sra():
+    """vvvvvjdy/SRA DiT-SRA (train.py, README 5.2): 8 -> 16, t_max 0.2, smooth-L1, clip 1.0, fp16, and the weight
+    0.4 * 0.1^(1 + max(0, e - 149) / 1000) at epoch e = step // 5004, here by step (within 0.23%)."""
+    from align.sra import SRA
+
+    path = REPO / "configs" / "dit_xl2_sra.yaml"
+    cfg = load_config(path)
+    a, t = cfg.align.sra, cfg.train
+    assert (cfg.align.methods, a.student_layer, a.teacher_layer, a.t_max, a.loss) == (["sra"], 8, 16, 0.2, "smooth_l1")
+    assert (t.grad_clip, t.mixed_precision, t.lr, t.global_batch_size, t.ema_decay, cfg.cond.label_dropout) == (
+        1.0, "fp16", 1e-4, 256, 0.9999, 0.1)
+    assert (cfg.objective.name, cfg.sampler.sampler, cfg.sampler.num_steps, cfg.sampler.cfg_scale) == (
+        "ddpm", "ddpm", 250, 1.0)
+    tiny = load_config(path, SHRINK + SHRINK_ALIGN["sra"])
+    model = build_backbone(tiny, build_latent(tiny).shape)
+    sra = SRA.from_config(tiny, model, build_objective(tiny, model))
+
+    def reference(step):
+        epoch = step // 5004
+        return 0.4 * 0.1 ** ((epoch - 149) / 1000 + 1) if epoch > 149 else 0.4 * 0.1
+
+    for step in (0, 400_000, 745_595, 745_596, 750_600, 1_000_000, 2_251_950, 4_000_000, 5_749_596):
+        assert sra.weight(step) == pytest.approx(reference(step), rel=0.0024), step
+    assert sra.weight(745_596) == 0.04 and sra.weight(745_596 + 1_506_354) == pytest.approx(0.02, rel=1e-12)
+    with pytest.raises(ConfigError, match="align.sra.half_life_steps"):
+        load_config(path, ["align.sra.half_life_steps=null"])
+
+
 def test_unknown_keys_suggest_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr' in the command line; did you mean 'train.lr'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'train.lrr' in the command line; did you mean 'train.lr'"):
         load_config(None, ["train.lrr=1e-4"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sampler:\n  cfg_scal: 1.5\n")
@@ -136,7 +167,7 @@ def test_base_files_are_merged_first_and_checked(tmp_path):
 def test_derived_recipes_change_only_what_their_method_needs():
     """The alignment recipes sit on the baselines through `base:`; the backbone and objective stay the baseline's."""
     pairs = {"sit_xl2_repa": "sit_xl2", "sit_b2_repa": "sit_b2", "dit_xl2_repa": "dit_xl2", "sit_xl2_sra": "sit_xl2",
-             "quickstart_sra": "quickstart"}
+             "dit_xl2_sra": "dit_xl2", "quickstart_sra": "quickstart"}
     for derived, base in pairs.items():
         a, b = (load_config(REPO / "configs" / f"{n}.yaml") for n in (derived, base))
         assert (a.model, a.cond, a.objective, a.latent, a.train.lr, a.train.global_batch_size) == (
