@@ -14,6 +14,7 @@ record of the protocol (sampler, guidance, label scheme, rounding) next to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -134,9 +135,7 @@ def write_outputs(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, lab
     """Interleave the processes' parts into global index order, write .npz (atomically), grid, metrics, record."""
     record = {"checkpoint": str(ema_path.parent), "num_samples": cfg.sample.num_samples,
               "labels": cfg.sample.labels, "rounding": cfg.sample.rounding, "seed": cfg.sample.seed,
-              "sampler": {"sampler": cfg.sampler.sampler, "num_steps": cfg.sampler.num_steps,
-                          "cfg_scale": cfg.sampler.cfg_scale, "cfg_interval": list(cfg.sampler.cfg_interval),
-                          "precision": cfg.sampler.precision},
+              "sampler": dataclasses.asdict(cfg.sampler),  # every sampling key (Heun's guidance rule, precision)
               **scores}
     if cfg.sample.write_images:
         record.update(write_samples(cfg, latent, out, tmp_dir, world, labels, after))
