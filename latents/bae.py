@@ -228,7 +228,8 @@ class BinaryAutoencoder(nn.Module):
             bits = (u < p).to(p.dtype)
         else:
             raise ValueError(f"unknown bit mode {mode!r}; one of {BIT_MODES}")
-        return bits + p - p.detach()
+        # b + (p - sg(p)) is b exactly; the reference's left-to-right b + p - sg(p) rounds 1 to 1 - 2^-24 sometimes.
+        return bits + (p - p.detach())
 
     def decode(self, z: Tensor) -> Tensor:
         """Bits (or straight-through codes) (N, C, h, w) -> images in about [0, 1]."""
