@@ -304,3 +304,55 @@ def test_overfits_four_codes_with_a_tiny_model():
                              temperature=1.0, generator=gens)
     hits = sum(bool(torch.equal(samples[i], codes[i % 4])) for i in range(n))
     assert hits >= 0.75 * n, hits
+
+
+def test_focal_and_aux_options_match_hand_computations():
+    x0 = torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(1, 1, 1, 4)
+    f = torch.tensor([2.0, -1.0, 0.5, -3.0]).reshape(1, 1, 1, 4)
+    noise = torch.tensor([0.1, 0.9, 0.8, 0.95]).reshape(1, 1, 1, 1, 4).expand(1, 2, 1, 1, 4)
+    t = torch.tensor([8])
+    y = [0.0, 0.0, 1.0, 1.0]  # flips, as in the balanced hand computation
+    sig = [1 / (1 + math.exp(-v)) for v in f.reshape(-1).tolist()]
+    miss = [1 - (s if yi else 1 - s) for s, yi in zip(sig, y)]
+    hand = sum(m**2 * bce(fi, yi) for m, fi, yi in zip(miss, f.reshape(-1).tolist(), y)) / 4
+    focal = BernoulliObjective(num_timesteps=T, loss="plain", focal_gamma=2.0, null_class=None)
+    got = focal.loss(FixedLogits(f), x0, torch.zeros(1).long(), t=t, noise=noise)
+    assert float(got.loss) == pytest.approx(hand, rel=1e-6)
+    # aux: BCE between the model's and the true posterior of x_{t-1}, each from brute-force Bayes.
+    chain = BernoulliChain(linear_keep(T))
+    x_t = [1, 0, 0, 0]
+    p_model = [xt * (1 - s) + (1 - xt) * s for xt, s in zip(x_t, sig)]  # P(x0 = 1) from flip logits
+    q_model = [brute_force_posterior(chain, p, xt, 7, 8) for p, xt in zip(p_model, x_t)]
+    q_true = [brute_force_posterior(chain, b, xt, 7, 8) for b, xt in zip([1.0, 0.0, 1.0, 1.0], x_t)]
+    aux = sum(-(qt * math.log(qm) + (1 - qt) * math.log(1 - qm)) for qm, qt in zip(q_model, q_true)) / 4
+    with_aux = BernoulliObjective(num_timesteps=T, loss="plain", aux_weight=0.5, null_class=None)
+    got = with_aux.loss(FixedLogits(f), x0, torch.zeros(1).long(), t=t, noise=noise)
+    plain = sum(bce(fi, yi) for fi, yi in zip(f.reshape(-1).tolist(), y)) / 4
+    assert float(got.logs["aux"]) == pytest.approx(aux, rel=1e-5)
+    assert float(got.loss) == pytest.approx(plain + 0.5 * aux, rel=1e-5)
+    # At t = 1 the posterior is about x0 itself: an exact model has (clamped) zero aux loss.
+    got = with_aux.loss(FixedLogits(torch.full((1, 1, 1, 4), -30.0)), x0, torch.zeros(1).long(),
+                        t=torch.tensor([1]), noise=noise)
+    assert torch.equal(got.x_t, x0)  # k_1 = 15/16 keeps every bit with these uniforms: "no flip" is exact
+    assert float(got.logs["aux"]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_and_training_step_run_on_cuda():
+    dev = torch.device("cuda")
+    model = build_model("SiT-S/1", input_size=4, in_channels=8, depth=1, hidden_size=32, num_heads=2,
+                        num_classes=4).to(dev)
+    obj = BernoulliObjective(num_timesteps=T, null_class=model.null_class, label_dropout=0.1, temperature=0.9)
+    gens = sample_generators(0, range(3), dev)
+    x = obj.sample(obj.model_fn(model), obj.prior((8, 4, 4), gens, device=dev), torch.arange(3, device=dev),
+                   num_steps=4, cfg_scale=2.0, generator=gens)
+    one = sample_generators(0, [2], dev)
+    alone = obj.sample(obj.model_fn(model), obj.prior((8, 4, 4), one, device=dev), torch.tensor([2], device=dev),
+                       num_steps=4, cfg_scale=2.0, generator=one)
+    assert x.device.type == "cuda" and torch.equal(alone[0], x[2])
+    drawn = obj.draw(4, (8, 4, 4), torch.Generator(dev).manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = obj.loss(model, (torch.rand(4, 8, 4, 4, device=dev) < 0.5).float(), torch.arange(4, device=dev), **drawn)
+    out.loss.mean().backward()
+    assert bool(out.loss.isfinite().all())

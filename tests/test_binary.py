@@ -284,3 +284,42 @@ def test_tiny_autoencoder_overfits_eight_images():
         opt.step()
         losses.append(float(loss.detach()))
     assert np.mean(losses[-10:]) <= 0.5 * np.mean(losses[:3]), (losses[:3], losses[-10:])
+
+
+def test_prepare_caches_packed_uint8_bits(tmp_path):
+    """prepare.py writes the packed bits as uint8 shards, equal to direct encoding; training reads them back."""
+    from helpers import run_job
+
+    from gen.data import DigitsDataset, LatentCacheDataset, build_dataset
+
+    weights = save_tiny_bae(tmp_path / "bae.pt")
+    config = tmp_path / "binary.yaml"
+    config.write_text("model: {name: SiT-S/1}\ndata: {name: digits, image_size: 16, num_workers: 0}\n"
+                      "objective: {name: bernoulli, bernoulli: {num_timesteps: 8}}\n"
+                      "sampler: {sampler: ancestral, num_steps: 4}\n"
+                      f"latent: {{name: binary, binary: {{weights: {weights}}}}}\n")
+    out = tmp_path / "cache"
+    done = run_job("prepare.py", [str(config), *TINY_BAE, "--out", str(out), "--shard-size", "500"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    cache = LatentCacheDataset(out, expected_raw_shape=(16,))
+    assert cache.meta["raw_dtype"] == "uint8" and cache.meta["latent"]["name"] == "binary"
+    digits = DigitsDataset("train", 16)
+    some = list(range(0, len(digits), 97))
+    raw = torch.stack([torch.as_tensor(cache[i]["raw"]) for i in some])
+    cfg = load_config(config, [*TINY_BAE, "data.name=latent_cache", f"data.path={out}"])
+    latent = build_latent(cfg)
+    assert raw.dtype == torch.uint8 and torch.equal(raw, latent.encode_raw(digits.images[some]))
+    assert len(build_dataset(cfg)) == len(digits)
+    assert torch.equal(latent.to_model(raw), unpack_bits(raw, (8, 4, 4)).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bits_on_cuda_equal_bits_on_cpu(tmp_path):
+    cfg = load_config(None, [*BASE, f"latent.binary.weights={save_tiny_bae(tmp_path / 'bae.pt')}"])
+    cpu, gpu = build_latent(cfg), build_latent(cfg)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = gpu.encode_raw(images.cuda())
+    assert raw.device.type == "cuda" and torch.equal(raw.cpu(), cpu.encode_raw(images))
+    decoded = gpu.decode(gpu.to_model(raw))
+    assert decoded.device.type == "cuda" and decoded.dtype == torch.uint8
