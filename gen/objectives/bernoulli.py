@@ -154,8 +154,9 @@ class BernoulliConfig(ComponentConfig):
         check(self.focal_gamma >= 0, "objective.bernoulli.focal_gamma", "must be >= 0")
         check(self.aux_weight >= 0, "objective.bernoulli.aux_weight", "must be >= 0")
         check(self.temperature > 0, "objective.bernoulli.temperature", "must be positive")
-        check(2 <= cfg.sampler.num_steps <= self.num_timesteps, "sampler.num_steps",
-              f"Bernoulli sampling visits 2..objective.bernoulli.num_timesteps={self.num_timesteps} steps")
+        for key, steps in (("sampler.num_steps", cfg.sampler.num_steps), ("log.fid_num_steps", cfg.log.fid_num_steps)):
+            check(steps is None or 2 <= steps <= self.num_timesteps, key,
+                  f"Bernoulli sampling visits 2..objective.bernoulli.num_timesteps={self.num_timesteps} steps")
 
 
 class BernoulliObjective(Objective):
