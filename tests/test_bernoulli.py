@@ -356,3 +356,16 @@ def test_sampler_and_training_step_run_on_cuda():
         out = obj.loss(model, (torch.rand(4, 8, 4, 4, device=dev) < 0.5).float(), torch.arange(4, device=dev), **drawn)
     out.loss.mean().backward()
     assert bool(out.loss.isfinite().all())
+
+
+def test_churches_recipe_follows_the_reference_readme():
+    from helpers import REPO
+
+    cfg = load_config(REPO / "configs" / "bld_churches256.yaml")
+    o, t = cfg.objective.bernoulli, cfg.train
+    assert (o.num_timesteps, o.schedule, o.prediction, o.loss, o.time_weighting, o.temperature) == (
+        64, "linear", "flip", "balanced", "none", 0.9)
+    assert (t.lr, tuple(t.betas), t.weight_decay, t.global_batch_size, t.max_steps) == (2e-4, (0.9, 0.95), 0.0, 256,
+                                                                                         2_000_000)
+    assert cfg.sampler.num_steps == 64 and cfg.latent.binary.arch(256).latent_shape == (64, 16, 16)
+    assert cfg.model.name == "SiT-B/1" and cfg.model.dit.depth == 24  # 24 blocks, D 768, 12 heads
