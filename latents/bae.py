@@ -296,10 +296,15 @@ def from_bld(state: dict[str, Tensor], arch: BAEArch) -> dict[str, Tensor]:
     Renames module prefixes by `bld_layout`, `conv_out` of residual blocks to `skip` (dropped where the width does
     not change: the reference builds it but never uses it), `quantize.proj.0` to `to_bits`, and the embedding
     `quantize.embed.weight` (C, emb_dim) to the 1x1 conv `embed.weight` (emb_dim, C, 1, 1); drops BLD_DROPPED.
-    Unknown or missing keys raise a KeyError naming them.
+    Unknown keys raise a KeyError naming them (missing ones fail the strict load that follows); a decoder without the
+    input GroupNorm (trained without --norm_first, which rescales bits differently) raises a ValueError.
     """
     src = {(k[3:] if k.startswith("ae.") else k): v for k, v in state.items()}
     src = {k: v for k, v in src.items() if not k.startswith(BLD_DROPPED)}
+    first = src.get("generator.blocks.0.weight")
+    if first is not None and first.ndim != 1:
+        raise ValueError("this BLD autoencoder was trained without --norm_first (its decoder starts with a conv, not "
+                         "a GroupNorm); only norm_first models (every released one) are supported")
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for ref, ours, kind in bld_layout(arch):

@@ -193,6 +193,8 @@ def test_released_key_map_round_trip_and_forward(arch, tmp_path):
     assert torch.allclose(p, p_ref, atol=1e-5) and torch.allclose(recon, recon_ref, atol=1e-4)
     with pytest.raises(KeyError, match="encoder.blocks.99"):
         from_bld({**ref, "ae.encoder.blocks.99.weight": torch.zeros(1)}, arch)
+    with pytest.raises(ValueError, match="norm_first"):  # a decoder starting with its conv
+        from_bld({**ref, "ae.generator.blocks.0.weight": torch.zeros(8, arch.emb_dim, 3, 3)}, arch)
 
 
 def test_latent_space_bits_cache_and_decode(tmp_path):
