@@ -369,3 +369,23 @@ def test_churches_recipe_follows_the_reference_readme():
                                                                                          2_000_000)
     assert cfg.sampler.num_steps == 64 and cfg.latent.binary.arch(256).latent_shape == (64, 16, 16)
     assert cfg.model.name == "SiT-B/1" and cfg.model.dit.depth == 24  # 24 blocks, D 768, 12 heads
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_sra_trains_on_bits_through_train_py(tmp_path):
+    """SRA's teacher view comes from the same Bernoulli chain (teacher_view) and trains through train.py."""
+    import json
+
+    import train as train_job
+    from latent_helpers import TINY_BAE, save_tiny_bae
+
+    overrides = ["data.name=digits", "data.image_size=16", "data.num_workers=0", "cond.num_classes=10",
+                 "train.global_batch_size=8", "log.tracker=none", "log.every_steps=1", "log.preview_every_steps=0",
+                 "model.name=SiT-S/1", "model.dit.depth=2", "model.dit.hidden_size=16", "model.dit.num_heads=2",
+                 "objective.name=bernoulli", "objective.bernoulli.num_timesteps=8", "sampler.sampler=ancestral",
+                 "sampler.num_steps=4", "latent.name=binary", *TINY_BAE,
+                 f"latent.binary.weights={save_tiny_bae(tmp_path / 'bae.pt')}", f"train.run_dir={tmp_path / 'r'}",
+                 "train.max_steps=2", "align.methods=[sra]", "align.sra.student_layer=1", "align.sra.teacher_layer=2"]
+    train_job.train(load_config(None, overrides))
+    logs = [json.loads(line) for line in (tmp_path / "r" / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(math.isfinite(r["sra"]) and 0.0 <= r["bit_acc"] <= 1.0 for r in logs)
