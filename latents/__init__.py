@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from latents.base import ROUNDING, LatentSpace, to_uint8
+from latents.binary import BinaryLatents
 from latents.pixel import PixelSpace
 from latents.sd_vae import SDVAE
 
-LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE)}
+LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE, BinaryLatents)}
 """Latent spaces by the name `latent.name` takes (config section latent.<name with '-' as '_'>)."""
 
 
@@ -17,4 +18,4 @@ def build_latent(cfg) -> LatentSpace:
     return choose("latent", cfg.latent.name, "latent.name").from_config(cfg)
 
 
-__all__ = ["LATENTS", "ROUNDING", "SDVAE", "LatentSpace", "PixelSpace", "build_latent", "to_uint8"]
+__all__ = ["LATENTS", "ROUNDING", "SDVAE", "BinaryLatents", "LatentSpace", "PixelSpace", "build_latent", "to_uint8"]

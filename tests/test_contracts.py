@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 import torch
 from helpers import REPO
-from latent_helpers import save_tiny_vae
+from latent_helpers import TINY_BAE, save_tiny_bae, save_tiny_vae
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -246,13 +246,18 @@ BASE = ["data.name=digits", "data.image_size=16", "data.num_workers=0", "cond.nu
         "sampler.num_steps=2", "sampler.cfg_scale=1.5", "train.seed=3"]
 TINY_DIT = ["model.dit.depth=2", "model.dit.hidden_size=16", "model.dit.num_heads=2"]
 OBJECTIVE_SETTINGS = {"flow": ["objective.name=flow", "sampler.sampler=euler"],
-                      "ddpm": ["objective.name=ddpm", "objective.ddpm.num_timesteps=20", "sampler.sampler=ddpm"]}
-LATENT_SETTINGS = {"pixel": ["latent.name=pixel"], "sd-vae": ["latent.name=sd-vae"], "rows": ["latent.name=rows"]}
+                      "ddpm": ["objective.name=ddpm", "objective.ddpm.num_timesteps=20", "sampler.sampler=ddpm"],
+                      "bernoulli": ["objective.name=bernoulli", "objective.bernoulli.num_timesteps=8",
+                                    "sampler.sampler=ancestral"]}
+LATENT_SETTINGS = {"pixel": ["latent.name=pixel"], "sd-vae": ["latent.name=sd-vae"], "rows": ["latent.name=rows"],
+                   "binary": ["latent.name=binary", *TINY_BAE]}
 FAMILY_SETTINGS = {"dit": ["model.name=SiT-S/2", *TINY_DIT], "token_mlp": ["model.name=TokenMLP"]}
 
 
 def combination(family: str, objective: str, latent: str, tmp_path) -> list[str]:
     vae = [f"latent.sd_vae.vae_path={save_tiny_vae(tmp_path / 'vae')}"] if latent == "sd-vae" else []
+    if latent == "binary":
+        vae = [f"latent.binary.weights={save_tiny_bae(tmp_path / 'bae.pt')}"]
     return [*BASE, *FAMILY_SETTINGS[family], *OBJECTIVE_SETTINGS[objective], *LATENT_SETTINGS[latent], *vae]
 
 
@@ -266,7 +271,8 @@ def weights(ckpt) -> dict:
             **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-COMBINATIONS = list(itertools.product(["dit", "token_mlp"], ["ddpm", "flow"], ["pixel", "sd-vae", "rows"]))
+COMBINATIONS = list(itertools.product(["dit", "token_mlp"], ["ddpm", "flow", "bernoulli"],
+                                      ["pixel", "sd-vae", "rows", "binary"]))
 
 
 @pytest.mark.parametrize("family,objective,latent", COMBINATIONS, ids=lambda v: v)
