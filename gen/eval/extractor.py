@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gen.io import BadFile
+
 
 def _precision_knobs() -> list:
     """The TF32 switches of this torch build: the fp32_precision API (torch >= 2.9) or the legacy allow_tf32 flags."""
@@ -65,6 +67,6 @@ def check_sha256(path: Path, expected: str | None, key: str) -> str:
     if expected:
         want = expected.strip().lower()
         if len(want) < 8 or not actual.startswith(want):
-            raise ValueError(f"{path} has sha256 {actual}, but config key '{key}' expects {want}: the file is "
+            raise BadFile(f"{path} has sha256 {actual}, but config key '{key}' expects {want}: the file is "
                              f"corrupt or a different version; replace it or correct {key}")
     return actual
