@@ -58,7 +58,10 @@ class NpyWriter:
         try:
             fn()
         except OSError as err:
-            self._file.close()
+            try:
+                self._file.close()  # flushes the buffer again, which fails the same way: the descriptor closes anyway
+            except OSError:
+                pass
             raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def write(self, rows) -> None:
@@ -83,23 +86,25 @@ class NpyWriter:
 
 
 def check_writable(path: str | Path, key: str) -> None:
-    """Raise ConfigError naming `key` unless `path` (a folder, existing or to be created) can be written.
+    """Raise ConfigError naming `key` (a config key, or a command-line option such as --out) unless `path` (a folder,
+    existing or to be created) can be written.
 
     Checked from the nearest existing folder up, before a job writes anything. Permission bits do not bind the
     root user, so a root job learns of a read-only folder only when it writes (an OSError the jobs report).
     """
     from gen.config import ConfigError
 
+    name = key if key.startswith("--") else f"config key '{key}'"
     folder = Path(path).expanduser().absolute()
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"config key '{key}': {folder} cannot be created: {existing} is a file, not a folder; "
+        raise ConfigError(f"{name}: {folder} cannot be created: {existing} is a file, not a folder; "
                           f"choose another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
-        raise ConfigError(f"config key '{key}': {folder} {what} (permission denied or a read-only file system); "
+        raise ConfigError(f"{name}: {folder} {what} (permission denied or a read-only file system); "
                           f"make it writable or choose another {key}")
 
 
