@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from helpers import REPO, run_job
 from PIL import Image
 
