@@ -169,7 +169,7 @@ def write_samples(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, lab
             mine = rows[r::world]
             mine[:] = part[start // world:start // world + len(mine)]
         writer.write(rows)
-    full = np.load(writer.close(), mmap_mode="r")
+    full = np.load(writer.close(), mmap_mode="c")  # copy-on-write: writable in memory, the file untouched
     latent.save_samples(out, full, labels)
     grid = save_grid(latent.render(latent.from_storage(full[:cfg.sample.grid_num])), out.with_suffix(".png"))
     record = {"npz": str(out), "grid": str(grid)}

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from torch import Tensor
 
 from gen.config import ConfigError
 from gen.data import IMAGE_EXTENSIONS, DataError, adm_center_crop, load_rgb
 from gen.eval.accumulate import Accumulator, feed
-from gen.io import atomic_write
+from gen.io import NpyWriter, atomic_write
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -343,10 +342,10 @@ def make_reference(images, out, stats, networks, cfg, device, comm, with_images:
             idx = pr_subset(len(source), cfg.pr_reference_size)
             first = source.read(idx[:1])
             out.parent.mkdir(parents=True, exist_ok=True)
-            subset = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(idx), *first.shape[1:]))
+            writer = NpyWriter(tmp, (len(idx), *first.shape[1:]), np.uint8)  # a full disk: OSError, not SIGBUS
             for start in range(0, len(idx), cfg.batch_per_process):
-                subset[start:start + cfg.batch_per_process] = source.read(idx[start:start + cfg.batch_per_process])
-            subset.flush()
+                writer.write(source.read(idx[start:start + cfg.batch_per_process]))
+            subset = np.load(writer.close(), mmap_mode="r")
         write_stats(out, moments, subset, num_images=np.int64(len(source)))
     finally:
         del subset
