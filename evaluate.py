@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 
-from gen.config import ConfigError, describe, load_config
-from gen.data import DataError
+from gen.config import describe, load_config
+from gen.errors import DEBUG_HELP, one_line_errors
 from gen.eval.accumulate import feed
 from gen.eval.metrics import METRICS, MetricSuite
 from gen.eval.reference import make_reference, open_images, write_stats
-from gen.io import atomic_write_text
+from gen.io import atomic_write_text, check_writable
 
 
 def default_out(images: Path, make: bool) -> Path:
@@ -68,36 +68,41 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--make-reference", action="store_true",
                         help="write ADM-layout reference statistics (+ arr_0 for precision/recall) of the images")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)  # options may sit between the images and the overrides
     if args.help_config:
         print(describe())
         sys.exit(0)
     if args.images is None:
         parser.error("the images (.npz or folder) are required")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
+        return run(args)
+
+
+def run(args) -> Path:
+    """Validate (config, networks, reference, samples, output folder), then score or make the reference."""
+    cfg = load_config(args.config, args.overrides)
     e = cfg.eval
     images = Path(args.images).expanduser()
     out = Path(args.out) if args.out else default_out(images, args.make_reference)
+    check_writable(out.parent, "--out")
+    if args.save_stats:
+        check_writable(Path(args.save_stats).parent, "--save-stats")
 
     accelerator = Accelerator()
-    try:
-        suite = MetricSuite(e.metrics, e, accelerator.device)  # loads the networks: a missing file fails here
-        if args.make_reference:
-            stats = sorted({f for m in e.metrics for f in METRICS[m].stats})
-            make_reference(images, out, stats, suite.networks, e, accelerator.device, suite.comm,
-                           with_images="pr" in e.metrics)
-            accelerator.wait_for_everyone()
-            images_note = f" and arr_0 ({e.pr_reference_size} images at most)" if "pr" in e.metrics else ""
-            accelerator.print(f"wrote {out}: statistics of {stats}{images_note}")
-            return out
-        source = open_images(images)
-        feed(suite.update, source, np.arange(len(source)), e.batch_per_process, suite.comm, "samples")
-        scores = suite.compute()
-    except (FileNotFoundError, ValueError, DataError) as err:
-        sys.exit(f"error: {err}")
+    suite = MetricSuite(e.metrics, e, accelerator.device)  # loads the networks: a missing file fails here
+    if args.make_reference:
+        stats = sorted({f for m in e.metrics for f in METRICS[m].stats})
+        make_reference(images, out, stats, suite.networks, e, accelerator.device, suite.comm,
+                       with_images="pr" in e.metrics)
+        accelerator.wait_for_everyone()
+        images_note = f" and arr_0 ({e.pr_reference_size} images at most)" if "pr" in e.metrics else ""
+        accelerator.print(f"wrote {out}: statistics of {stats}{images_note}")
+        return out
+    source = open_images(images)
+    suite.check_reference()  # eval.reference's keys and shapes, before the Inception pass over the samples
+    feed(suite.update, source, np.arange(len(source)), e.batch_per_process, suite.comm, "samples")
+    scores = suite.compute()
     if accelerator.is_main_process:
         protocol = {"samples": str(images), "num_samples": len(source), "sampling": sampling_record(images),
                     **suite.protocol()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ from tqdm import tqdm
 
 from gen.config import ConfigError, load_config
 from gen.data import META, DataError, build_dataset, dataset_channels, features_file, labels_file, shard_file
-from gen.io import atomic_write, atomic_write_text, to_rgb
+from gen.errors import DEBUG_HELP, one_line_errors
+from gen.io import atomic_write, atomic_write_text, check_writable, to_rgb
 from gen.models import build_backbone, require_grid
 from latents import build_latent
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="cache folder (default: caches/<data>-<latent>-<size>)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="items per shard file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch on each process")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser.parse_args(argv)
 
 
@@ -171,14 +172,22 @@ def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_
 
 
 def main(argv=None) -> None:
-    """Run the job."""
+    """Run the job; an expected failure ends in one line `error: ...` (the traceback with --debug)."""
     args = parse_args(argv)
+    with one_line_errors(args.debug):
+        prepare(args)
+
+
+def prepare(args) -> None:
+    """Validate (config, data, weights, output folder), then encode the missing shards."""
     cfg = load_config(args.config, args.overrides)
     if cfg.data.name == "latent_cache":
         raise ConfigError("config key 'data.name': prepare.py reads images (digits, image_folder or hf), not a cache")
-    if args.shard_size <= 0 or args.batch_size <= 0:
-        raise ConfigError("--shard-size and --batch-size must be positive")
+    for option, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{option} is {value}; allowed: >= 1")
     out = Path(args.out or f"caches/{cfg.data.name}-{cfg.latent.name}-{cfg.data.image_size}")
+    check_writable(out, "--out")
 
     accelerator = Accelerator()
     dataset = build_dataset(cfg, "train")
@@ -235,9 +244,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        # Expected user errors: one line, no traceback.
-        print(f"prepare.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -17,20 +17,19 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from numpy.lib.format import open_memmap
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from gen.checkpoint import CheckpointError, load_latent_state, resolve_weights
-from gen.config import Config, ConfigError, choose, load_config, to_yaml
+from gen.config import Config, choose, load_config, to_yaml
+from gen.errors import DEBUG_HELP, one_line_errors
 from gen.eval import SAMPLE_METRICS, build_suite, split_sample_metrics
-from gen.io import JobLock, LockHeld, atomic_write_text
+from gen.io import JobLock, NpyWriter, atomic_write_text, check_writable
 from gen.logging import save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
@@ -66,44 +65,59 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", help="run folder (its latest checkpoint) or a checkpoints/step-* folder")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    try:
-        ema_path, cfg_path = resolve_weights(args.weights)
-        cfg = load_config(cfg_path, args.overrides)
-        modality = choose("latent", cfg.latent.name, "latent.name").modality
-        streamed, after = split_sample_metrics(cfg.sample.metrics, modality)
-    except (ConfigError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
+        return run(args.weights, args.overrides)
+
+
+def run(weights: str, overrides: list[str]) -> Path:
+    """Validate everything (config, weights, reference, output folder), then draw under the output's lock."""
+    ema_path, cfg_path = resolve_weights(weights)
+    cfg = load_config(cfg_path, overrides)
+    modality = choose("latent", cfg.latent.name, "latent.name").modality
+    streamed, after = split_sample_metrics(cfg.sample.metrics, modality)
+    s = cfg.sample
+    out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
+    check_writable(out.parent, "sample.out")
 
     accelerator = Accelerator()
     device = accelerator.device
     latent = build_latent(cfg).load_weights(device)  # a missing VAE fails before anything is written
     load_latent_state(ema_path.parent, latent)
-    suite = build_suite(streamed, cfg.eval, device, latent.modality) if streamed else None  # Inception file too
-    s = cfg.sample
-    out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
-    try:
-        with JobLock(accelerator, out.parent, "sample.py", f".{out.stem}.lock"):  # one writer per output
-            return draw(accelerator, cfg, ema_path, latent, suite, out, after)
-    except LockHeld as err:
-        sys.exit(f"error: {err}")
+    model = load_model(cfg, ema_path, latent, device)
+    objective = build_objective(cfg, model).load_weights(device)
+    # Inception weights and eval.reference's keys are checked here, before any sampling pass.
+    suite = build_suite(streamed, cfg.eval, device, latent.modality) if streamed else None
+    with JobLock(accelerator, out.parent, "sample.py", f".{out.stem}.lock"):  # one writer per output
+        return draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, after)
 
 
-def draw(accelerator, cfg: Config, ema_path: Path, latent, suite, out: Path, after: list[str]) -> Path:
-    """Draw this process's samples into a part file, then (main process) write the outputs of `out`."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    s = cfg.sample
+def draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, suite, out: Path,
+         after: list[str]) -> Path:
+    """Draw this process's samples into a part file, then (main process) write the outputs of `out`; the part
+    files' folder `.tmp-<name>` is removed however the job ends."""
     tmp_dir = out.parent / f".tmp-{out.stem}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, tmp_dir, after)
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
 
-    model = load_model(cfg, ema_path, latent, device)
-    objective = build_objective(cfg, model).load_weights(device)
+
+def _draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, suite, out: Path, tmp_dir: Path,
+          after: list[str]) -> None:
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    s = cfg.sample
     labels = sample_labels(s.num_samples, cfg.cond.num_classes, s.labels, s.seed)
     mine = np.arange(rank, s.num_samples, world)  # this process's global indices
-    part, written = None, 0
+    part = None
     bar = tqdm(total=len(mine), disable=not accelerator.is_main_process, desc="sample")
     batches = generate_indexed(model, objective, latent, cfg.sampler, labels, mine, s.seed, s.batch_per_process,
                                s.rounding, device)
@@ -114,20 +128,16 @@ def draw(accelerator, cfg: Config, ema_path: Path, latent, suite, out: Path, aft
         if not s.write_images:
             continue
         rows = latent.to_storage(samples)  # images: NHWC uint8, as the ADM evaluator reads them
-        if part is None:
-            part = open_memmap(tmp_dir / f"part-{rank}.npy", mode="w+", dtype=rows.dtype,
-                               shape=(len(mine), *rows.shape[1:]))
-        part[written:written + len(idx)] = rows
-        written += len(idx)
+        if part is None:  # plain writes: a full disk raises OSError naming the file (a memory map: SIGBUS)
+            part = NpyWriter(tmp_dir / f"part-{rank}.npy", (len(mine), *rows.shape[1:]), rows.dtype)
+        part.write(rows)
     bar.close()
     if part is not None:
-        part.flush()
+        part.close()
     scores = {"metrics": suite.compute(), "metrics_protocol": suite.protocol()} if suite is not None else {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_outputs(cfg, latent, out, tmp_dir, world, labels, ema_path, scores, after)
-    accelerator.wait_for_everyone()
-    return out
 
 
 def write_outputs(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, labels: np.ndarray, ema_path: Path,
@@ -145,19 +155,23 @@ def write_outputs(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, lab
         atomic_write_text(out.parent / "metrics.json", json.dumps({**measured, "protocol": record}, indent=1))
         print(json.dumps(measured, indent=1))
     atomic_write_text(out.parent / f"{out.stem}.config.yaml", to_yaml(cfg))
-    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_samples(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, labels: np.ndarray,
                   after: list[str]) -> dict:
     """The processes' rows in global index order, saved by the latent space (images: ADM .npz), the grid, and
     the SAMPLE_METRICS computed on all samples."""
-    parts = [np.load(tmp_dir / f"part-{r}.npy", mmap_mode="r") for r in range(world) if r < cfg.sample.num_samples]
-    full = open_memmap(tmp_dir / "all.npy", mode="w+", dtype=parts[0].dtype,
-                       shape=(cfg.sample.num_samples, *parts[0].shape[1:]))
-    for r, part in enumerate(parts):
-        full[r::world] = part  # process r drew indices r, r + world, ...
-    full.flush()
+    n = cfg.sample.num_samples
+    parts = [np.load(tmp_dir / f"part-{r}.npy", mmap_mode="r") for r in range(world) if r < n]
+    writer = NpyWriter(tmp_dir / "all.npy", (n, *parts[0].shape[1:]), parts[0].dtype)
+    block = world * max(1, 4096 // world)  # global indices per write, a multiple of the world size
+    for start in range(0, n, block):
+        rows = np.empty((min(block, n - start), *parts[0].shape[1:]), parts[0].dtype)
+        for r, part in enumerate(parts):  # process r drew indices r, r + world, ...
+            mine = rows[r::world]
+            mine[:] = part[start // world:start // world + len(mine)]
+        writer.write(rows)
+    full = np.load(writer.close(), mmap_mode="c")  # copy-on-write: writable in memory, the file untouched
     latent.save_samples(out, full, labels)
     grid = save_grid(latent.render(latent.from_storage(full[:cfg.sample.grid_num])), out.with_suffix(".png"))
     record = {"npz": str(out), "grid": str(grid)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections import deque
 from pathlib import Path
 
@@ -23,13 +22,14 @@ from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gen.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
+from gen.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from gen.cond import Conditioning
 from gen.config import Config, ConfigError, describe, load_config, save_config
 from gen.data import DistributedBatchSampler, LatentCacheDataset, build_dataset
 from gen.ema import EMA
+from gen.errors import DEBUG_HELP, NonFiniteLoss, one_line_errors
 from gen.eval import build_suite
-from gen.io import JobLock, LockHeld
+from gen.io import JobLock, LockHeld, check_writable
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid, truncate_jsonl
 from gen.models import build_backbone
 from gen.precision import training_precision
@@ -37,10 +37,6 @@ from gen.objectives import build_objective
 from gen.sampling.generate import generate, generate_indexed, sample_labels
 from gen.step import StepDraws, Trainee, build_aligners, model_inputs
 from latents import build_latent
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss, or a finite one that exploded (train.divergence_factor)."""
 
 
 DIVERGENCE_WINDOW = 20
@@ -72,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.run_dir")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     ns = parser.parse_args(argv)
     ns.config = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     ns.overrides = ns.args[1:] if ns.config else ns.args
@@ -166,6 +163,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new "
                               f"train.run_dir")
+    if ckpt is not None:
+        check_resumable(ckpt, cfg)  # keys that may not change on resume, before anything is built
+    check_writable(run_dir, "train.run_dir")
     lock = JobLock(accelerator, run_dir, "train.py")  # one writer per run directory, taken before the first write
     try:
         return _train(accelerator, cfg, ckpt, n, lock)
@@ -283,8 +283,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
             logs = meters.pop(lambda x: accelerator.reduce(x, reduction="sum"))
             if logs.pop("_first_bad") > 0:
                 bad_at = int(accelerator.reduce(first_bad.clone(), reduction="max").item())
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {bad_at // t.grad_accum_steps}, micro-batch "
+                raise NonFiniteLoss(  # steps counted from 1, as the logs count them
+                    f"non-finite loss at step {bad_at // t.grad_accum_steps + 1}, micro-batch "
                     f"{bad_at % t.grad_accum_steps} (data position {sampler.position(bad_at // t.grad_accum_steps)}); "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower train.lr, enable train.grad_clip or use "
                     f"train.mixed_precision=bf16, then resume from that checkpoint.")
@@ -325,14 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.help_config:
         print(describe())
         return
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    try:
-        train(cfg, resume=args.resume)
-    except (LockHeld, NonFiniteLoss) as err:
-        sys.exit(f"error: {err}")
+    with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
+        train(load_config(args.config, args.overrides), resume=args.resume)
 
 
 if __name__ == "__main__":

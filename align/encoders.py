@@ -23,7 +23,7 @@ from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from gen.io import load_state
+from gen.io import BadFile, load_state
 
 # Files looked for in a weights folder (a timm / HF snapshot), in this order.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -190,13 +190,17 @@ def find_weights(name: str, weights: str | Path | None, config_key: str) -> Path
 
 def read_state(path: Path) -> dict:
     """Load a checkpoint safely: safetensors, a pickled state (weights only), or a TorchScript archive (OpenAI CLIP)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    what = "encoder weights, config key align.encoder_weights"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return load_state(path, "encoder weights, config key align.encoder_weights")
+            return load_file(str(path))
+        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as err:  # safetensors and TorchScript report a foreign file in their own error types
+        raise BadFile(f"{path} ({what}) is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+    return load_state(path, what)
 
 
 def _tensors(state: dict, prefix: str = "") -> dict[str, Tensor]:
@@ -232,11 +236,11 @@ def load_encoder_state(model: nn.Module, spec: EncoderSpec, path: Path, name: st
     hint = f"point {config_key} at the weights of {name!r} (published: {spec.published()})"
     problem = _structure_problem(raw, model)
     if problem:
-        raise ValueError(f"{path} is not a checkpoint of encoder {name!r} ({spec.arch}): {problem}; {hint}")
+        raise BadFile(f"{path} is not a checkpoint of encoder {name!r} ({spec.arch}): {problem}; {hint}")
     try:
         state = checkpoint_filter_fn(raw, model)
     except Exception as err:  # a foreign layout fails inside timm's converter in many ways
-        raise ValueError(f"{path} is not a checkpoint of encoder {name!r} ({spec.arch}): {err}; {hint}") from err
+        raise BadFile(f"{path} is not a checkpoint of encoder {name!r} ({spec.arch}): {err}; {hint}") from err
     # Unused by design: the projection/classifier head, and the last norm where the reference skips it.
     unused = ("head.",) + (() if spec.final_norm else ("norm.",))
     state = {k: v for k, v in state.items() if not k.startswith(unused)}
@@ -246,7 +250,7 @@ def load_encoder_state(model: nn.Module, spec: EncoderSpec, path: Path, name: st
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise BadFile(
             f"{path} is not a checkpoint of encoder {name!r} ({spec.arch}, width {model.num_features}): "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}, shape mismatch {shapes[:3]}; {hint}")

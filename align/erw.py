@@ -32,6 +32,7 @@ from align.encoders import FrozenEncoder
 from align.repa import DEFAULT_DEPTH, REPA, build_targets, check_encoders, check_layer, init_projector, size_default
 from gen.aligner import AlignBatch, WeightSchedule
 from gen.config import ComponentConfig, check
+from gen.validation import in_range
 
 # c0, the REPA weight at the transition, per size (LINs-lab/ERW train.py: XL 6, L 3, otherwise 1).
 DEFAULT_COEFF: dict[str, float] = {"S": 1.0, "B": 1.0, "L": 3.0, "XL": 6.0}
@@ -96,11 +97,11 @@ class ERWConfig(ComponentConfig):
               f"{self.warmup_steps} must lie in 0..train.max_steps ({cfg.train.max_steps}): the warmup steps are "
               f"part of train.max_steps")
         coeff = self.coeff if self.coeff is not None else size_default(DEFAULT_COEFF, cfg.model.name, "align.erw.coeff")
-        check(coeff >= 0, "align.erw.coeff", "must be >= 0")
-        check(self.warmup_coeff > 0, "align.erw.warmup_coeff", "must be positive")
-        check(self.half_life_steps > 0, "align.erw.half_life_steps", "must be positive")
+        in_range("align.erw.coeff", coeff, 0.0)
+        in_range("align.erw.warmup_coeff", self.warmup_coeff, 0.0, above=True)
+        in_range("align.erw.half_life_steps", self.half_life_steps, 0.0, above=True)
         check(self.warmup_loss in WARMUP_LOSSES, "align.erw.warmup_loss", f"one of {WARMUP_LOSSES}")
-        check(self.temperature > 0, "align.erw.temperature", "must be positive")
+        in_range("align.erw.temperature", self.temperature, 0.0, above=True)
 
 
 class ERW(REPA):

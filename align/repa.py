@@ -20,6 +20,7 @@ from align.encoders import ENCODERS, FrozenEncoder, build_encoder
 from gen.aligner import AlignBatch, Aligner, WeightSchedule
 from gen.config import ComponentConfig, check
 from gen.models import family_of, model_size, require_grid
+from gen.validation import in_range
 
 # Aligned block per model size: B 4 (REPA paper, Table 7), L and XL 8 (REPA README). S is not reported (the reference
 # cannot build SiT-S with REPA): 4, as B, which has the same 12 blocks. DiT-XL/2 + REPA's depth is not stated by the
@@ -39,7 +40,7 @@ def check_encoders(encoders: list[str], projector_dim: int, section: str) -> Non
     bad = [k for k in encoders if k not in ENCODERS]
     check(bool(encoders) and not bad and len(set(encoders)) == len(encoders), f"align.{section}.encoders",
           f"a non-empty list of distinct keys of {sorted(ENCODERS)}, got {encoders}")
-    check(projector_dim > 0, f"align.{section}.projector_dim", "must be positive")
+    in_range(f"align.{section}.projector_dim", projector_dim, 1)
 
 
 def check_layer(cfg, key: str, layer: int | None, default: dict) -> int:
@@ -86,8 +87,8 @@ class REPAConfig(ComponentConfig):
         """Encoders, block, weight and stop step (REPA paper, Sec. 4 and Table 7)."""
         check_encoders(self.encoders, self.projector_dim, "repa")
         check_layer(cfg, "align.repa.depth", self.depth, DEFAULT_DEPTH)
-        check(self.coeff >= 0, "align.repa.coeff", "must be >= 0")
-        check(self.stop_step is None or self.stop_step > 0, "align.repa.stop_step", "null or a positive step")
+        in_range("align.repa.coeff", self.coeff, 0.0)
+        in_range("align.repa.stop_step", self.stop_step, 1, nullable=True)
 
 
 def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:

@@ -4,7 +4,8 @@ Layout of `RUN_DIR/checkpoints/step-00050000/`: Accelerate's `save_state` files 
 optimizer, GradScaler, every process's RNG states), `ema.safetensors` (also what sample.py reads),
 `train_state.json` (step, data position), `latent_state.pt` (the latent space's normalisation statistics) and
 `config.yaml`. A checkpoint is written into a hidden
-temporary folder and renamed when complete, so a crash never leaves a half checkpoint that looks valid.
+temporary folder and renamed when complete, so a crash never leaves a half checkpoint that looks valid (a failed
+write removes the temporary folder; one left by a killed process is removed by the next save).
 """
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from gen.config import Config, load_config, save_config
+from gen.errors import as_write_error
 from gen.io import flatten, load_state
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
-# Keys that must agree between a checkpoint and the config that resumes it (others, e.g. max_steps, may change).
-RESUME_KEYS = ("model", "cond", "objective", "latent", "data.name", "data.image_size", "train.global_batch_size",
-               "train.grad_accum_steps", "train.seed")
+# Keys that must agree between a checkpoint and the config that resumes it (others, e.g. max_steps, may change):
+# what the saved parameters, the optimizer state or the data order depend on, the aligners trained included.
+RESUME_KEYS = ("model", "cond", "objective", "latent", "align.methods", "data.name", "data.image_size",
+               "train.global_batch_size", "train.grad_accum_steps", "train.seed")
 
 
 class CheckpointError(RuntimeError):
@@ -69,13 +72,21 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, ema, train_stat
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
-                  str(tmp / "ema.safetensors"))
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
-        torch.save(latent.state_dict(), tmp / LATENT_STATE)
-        save_config(cfg, tmp / "config.yaml")
+    try:
+        accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
+                      str(tmp / "ema.safetensors"))
+            (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
+            torch.save(latent.state_dict(), tmp / LATENT_STATE)
+            save_config(cfg, tmp / "config.yaml")
+    except Exception as err:  # a failed write (disk full, ...) leaves no half checkpoint behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        translated = as_write_error(err, tmp)
+        if translated is not err:
+            raise translated from err
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # re-saving the same step (e.g. the final step after a resume)
@@ -101,16 +112,29 @@ def load_latent_state(path: str | Path, latent) -> None:
     latent.load_state_dict(load_state(Path(path) / LATENT_STATE, "the latent space's state in a checkpoint"))
 
 
+def check_resumable(path: str | Path, cfg: Config) -> None:
+    """Refuse to resume checkpoint `path` with `cfg` when a key that may not change on resume (RESUME_KEYS) differs,
+    naming each such key with the checkpoint's and the new value."""
+    path = Path(path)
+    diffs = config_differences(load_config(path / "config.yaml"), cfg)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another config ({'; '.join(diffs)}); these keys may not change on "
+            f"resume: resume with the run's own values ({path / 'config.yaml'}) or choose a new train.run_dir")
+
+
 def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config, latent) -> dict:
     """Restore a checkpoint written by `save_checkpoint` after checking it belongs to this config."""
     path = Path(path)
     train_state = read_train_state(path)
-    diffs = config_differences(load_config(path / "config.yaml"), cfg)
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} was written by another config ({'; '.join(diffs)}); resume with the run's own "
-            f"config ({path / 'config.yaml'}) or choose a new train.run_dir")
-    accelerator.load_state(str(path))
+    check_resumable(path, cfg)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as err:  # parameters or optimizer state of another shape
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model and aligners ({detail}); resume "
+                              f"with the run's own config ({path / 'config.yaml'}) or choose a new train.run_dir"
+                              ) from err
     load_latent_state(path, latent)
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device)))
     return train_state

@@ -122,29 +122,67 @@ def adm_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
     return arr[top:top + image_size, left:left + image_size]
 
 
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for a corrupt, truncated or foreign file."""
+
+
+def _check_mode(path, image: Image.Image) -> None:
+    if image.mode not in _RGB_CONVERTIBLE:
+        raise DataError(f"image {path} has mode {image.mode!r} (16-bit or floating point), which cannot be "
+                        f"converted to 8-bit RGB without clipping; convert it to an 8-bit RGB or grayscale "
+                        f"PNG/JPEG, or remove it")
+
+
+def _unreadable(path, err: BaseException, fix: str = "") -> DataError:
+    return DataError(f"cannot read image {path} ({type(err).__name__}: {' '.join(str(err).split())}); the file is "
+                     f"corrupt or not an image: remove it or re-save it as PNG/JPEG{fix}")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as RGB the way ADM/REPA do, refusing modes and files that cannot be read faithfully."""
     try:
         with Image.open(path) as image:
-            if image.mode not in _RGB_CONVERTIBLE:
-                raise DataError(f"image {path} has mode {image.mode!r} (16-bit or floating point), which cannot be "
-                                f"converted to 8-bit RGB without clipping; convert it to an 8-bit RGB or grayscale "
-                                f"PNG/JPEG, or remove it")
+            _check_mode(path, image)
             image.load()
             return image.convert("RGB")
     except DataError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}); the file is corrupt or not an "
-                        f"image: remove it or re-save it as PNG/JPEG") from err
+    except _UNREADABLE as err:
+        raise _unreadable(path, err) from err
+
+
+def prescan(files) -> None:
+    """Open every image and verify it (PIL `verify`: the header, and for PNG the chunk checksums, without decoding),
+    raising DataError naming the first corrupt or unconvertible file (data.prescan)."""
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                _check_mode(path, image)
+                image.verify()
+        except DataError:
+            raise
+        except _UNREADABLE as err:
+            raise _unreadable(path, err, " (or skip this check with data.prescan=false)") from err
+
+
+def check_classes(dataset, cfg) -> None:
+    """Refuse a dataset with more classes than cond.num_classes: its labels must lie in [0, cond.num_classes), label
+    cond.num_classes being the null label of guidance (a dataset label there would train as unconditional)."""
+    found = getattr(dataset, "num_classes", None)
+    if found is not None and int(found) > cfg.cond.num_classes:
+        source = cfg.data.name + (f" {cfg.data.path}" if cfg.data.path else "")
+        raise ConfigError(f"config key 'cond.num_classes': the dataset ({source}) has "
+                          f"{int(found)} classes but cond.num_classes={cfg.cond.num_classes}; labels must lie below "
+                          f"cond.num_classes (that label is guidance's null class): set cond.num_classes={int(found)}")
 
 
 class ImageFolderDataset(Dataset):
-    """Class sub-folders of images; label = index of the sorted folder name; ADM center crop to image_size."""
+    """Class sub-folders of images; label = index of the sorted folder name; ADM center crop to image_size;
+    `check_files` pre-scans every file (data.prescan)."""
 
     channels = 3
 
-    def __init__(self, root: str | Path, image_size: int, hflip: bool = False):
+    def __init__(self, root: str | Path, image_size: int, hflip: bool = False, check_files: bool = False):
         self.root, self.image_size, self.hflip = Path(root), int(image_size), bool(hflip)
         layout = "expected data.path=ROOT with ROOT/<class name>/<image files> (the ImageNet train layout)"
         if not self.root.is_dir():
@@ -166,6 +204,8 @@ class ImageFolderDataset(Dataset):
         if empty:
             raise DataError(f"class folders without images in {self.root}: {empty[:5]}{' ...' if len(empty) > 5 else ''}"
                             f"; add images ({', '.join(IMAGE_EXTENSIONS)}) or remove those folders")
+        if check_files:
+            prescan(files)
         self.files = files
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.num_classes = len(self.classes)
@@ -178,7 +218,7 @@ class ImageFolderDataset(Dataset):
             raise ConfigError(f"data.name=image_folder has only the 'train' split, not {split!r}")
         if not cfg.data.path:
             raise ConfigError("config key 'data.path': data.name=image_folder needs the folder of class sub-folders")
-        return cls(cfg.data.path, cfg.data.image_size)
+        return cls(cfg.data.path, cfg.data.image_size, check_files=cfg.data.prescan)
 
     @classmethod
     def config_channels(cls, cfg) -> int:
@@ -320,8 +360,10 @@ def _dataset_class(cfg):
 
 
 def build_dataset(cfg, split: str = "train") -> Dataset:
-    """The dataset named by cfg.data.name."""
-    return _dataset_class(cfg).from_config(cfg, split)
+    """The dataset named by cfg.data.name, its class count checked against cond.num_classes."""
+    dataset = _dataset_class(cfg).from_config(cfg, split)
+    check_classes(dataset, cfg)
+    return dataset
 
 
 def dataset_channels(cfg) -> int:

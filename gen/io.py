@@ -1,4 +1,5 @@
-"""Small file and tensor helpers every job shares: atomic writes, checked torch.load, grey-to-RGB, flat dicts."""
+"""Small file and tensor helpers every job shares: atomic writes, sequential .npy writes, writable-folder checks,
+checked torch.load, grey-to-RGB, flat dicts, folder locks."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from gen.errors import as_write_error
+
+
+class BadFile(ValueError):
+    """A file that exists but does not hold what its role (and the config key naming it) needs."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -22,10 +29,83 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        translated = as_write_error(err, path)  # a full disk, however the writer reports it, names `path`
+        if translated is not err:
+            raise translated from err
         raise
     return path
+
+
+class NpyWriter:
+    """Write an .npy array of known shape row block by row block, with plain `write` calls.
+
+    Unlike a writable memory map (np.lib.format.open_memmap), whose writes to a full disk kill the process with
+    SIGBUS, a full disk here raises OSError(ENOSPC) naming the file. Read the result with np.load(mmap_mode="r").
+    """
+
+    def __init__(self, path: str | Path, shape: tuple, dtype):
+        import numpy as np
+
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        self._guard(lambda: np.lib.format.write_array_header_2_0(self._file, header))
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except OSError as err:
+            try:
+                self._file.close()  # flushes the buffer again, which fails the same way: the descriptor closes anyway
+            except OSError:
+                pass
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+
+    def write(self, rows) -> None:
+        """Append `rows` (shape (n, *shape[1:]), this writer's dtype) after the rows written so far."""
+        import numpy as np
+
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"rows {rows.shape} do not fit {self.path} {self.shape} after {self.rows} rows")
+        self._guard(lambda: self._file.write(rows.tobytes()))
+        self.rows += len(rows)
+
+    def close(self) -> Path:
+        """Flush and close; every row must have been written."""
+        if self.rows != self.shape[0]:
+            self._file.close()
+            raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+        self._guard(self._file.flush)
+        self._guard(lambda: os.fsync(self._file.fileno()))
+        self._file.close()
+        return self.path
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise ConfigError naming `key` (a config key, or a command-line option such as --out) unless `path` (a folder,
+    existing or to be created) can be written.
+
+    Checked from the nearest existing folder up, before a job writes anything. Permission bits do not bind the
+    root user, so a root job learns of a read-only folder only when it writes (an OSError the jobs report).
+    """
+    from gen.config import ConfigError
+
+    name = key if key.startswith("--") else f"config key '{key}'"
+    folder = Path(path).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name}: {folder} cannot be created: {existing} is a file, not a folder; "
+                          f"choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"{name}: {folder} {what} (permission denied or a read-only file system); "
+                          f"make it writable or choose another {key}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -39,9 +119,9 @@ def load_state(path: str | Path, what: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"{path} ({what}) is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
+        raise BadFile(f"{path} ({what}) is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} ({what}) holds a {type(obj).__name__}, not a state dict")
+        raise BadFile(f"{path} ({what}) holds a {type(obj).__name__}, not a state dict")
     return obj
 
 

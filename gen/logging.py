@@ -78,5 +78,8 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line (the scalar log read by tests and quick plots, next to TensorBoard's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # name the file (a full disk raises from write/close without one)
+        raise OSError(err.errno, err.strerror, str(path)) from err

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gen.config import ComponentConfig, check
 from gen.io import to_rgb
+from gen.validation import in_range
 from latents.base import LatentSpace, to_uint8
 
 FACTOR = 8
@@ -41,7 +42,7 @@ class SDVAEConfig(ComponentConfig):
 
     def validate(self, cfg) -> None:
         """A positive scale and an image size the VAE's downsampling divides."""
-        check(self.scale > 0, "latent.sd_vae.scale", "must be positive")
+        in_range("latent.sd_vae.scale", self.scale, 0.0, above=True)
         check(cfg.data.image_size % FACTOR == 0, "data.image_size",
               f"{cfg.data.image_size} is not divisible by the SD VAE's downsampling factor {FACTOR}")
 

@@ -49,10 +49,12 @@ def split_sample_metrics(names, modality: str = "image") -> tuple[list[str], lis
 
 
 def build_suite(names: list[str], ecfg, device, modality: str = "image"):
-    """The streamed metric suite of `modality` computing `names` (its networks load now: missing files fail
-    early)."""
+    """The streamed metric suite of `modality` computing `names` (its networks load and eval.reference is checked
+    now: missing or wrong files fail early)."""
     from gen.config import ConfigError
 
     if modality not in STREAMED:
         raise ConfigError(f"no streamed metrics are registered for {modality} samples (metrics {names})")
-    return importlib.import_module(STREAMED[modality]).MetricSuite(names, ecfg, device)
+    suite = importlib.import_module(STREAMED[modality]).MetricSuite(names, ecfg, device)
+    suite.check_reference()  # a reference without the needed keys fails now, not after the sampling pass
+    return suite

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from gen.io import BadFile
 
 
 def file_sha256(path: str | Path) -> str:
@@ -39,6 +40,6 @@ def check_sha256(path: Path, expected: str | None, key: str) -> str:
     if expected:
         want = expected.strip().lower()
         if len(want) < 8 or not actual.startswith(want):
-            raise ValueError(f"{path} has sha256 {actual}, but config key '{key}' expects {want}: the file is "
+            raise BadFile(f"{path} has sha256 {actual}, but config key '{key}' expects {want}: the file is "
                              f"corrupt or a different version; replace it or correct {key}")
     return actual

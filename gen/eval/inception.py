@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gen.eval.extractor import check_sha256, local_weights
+from gen.io import BadFile
 from gen.precision import exact_float32
 
 WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -55,14 +56,14 @@ class InceptionFeatures(nn.Module):
             # A tensors-only load first: torch-fidelity unpickles with weights_only=False, which would run code.
             torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            raise ValueError(f"{path} (config key '{self.key}') is not a plain tensor state dict: {err}") from None
+            raise BadFile(f"{path} (config key '{self.key}') is not a plain tensor state dict: {err}") from None
         try:
             # torch-fidelity's own constructor loads the file strictly: a renamed key or a wrong shape fails here.
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                    feature_extractor_weights_path=str(path))
         except RuntimeError as err:
             detail = " ".join(str(err).split())[:600]
-            raise ValueError(f"{path} (config key '{self.key}') does not fit the TF-compatible InceptionV3: "
+            raise BadFile(f"{path} (config key '{self.key}') does not fit the TF-compatible InceptionV3: "
                              f"{detail}") from None
         self._spatial: list[Tensor] = []
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: self._spatial.append(out))

@@ -23,7 +23,8 @@ import torch
 
 from gen.eval.accumulate import Accumulator, Features
 from gen.eval.collective import Collective
-from gen.eval.reference import Reference, resolve_reference
+from gen.config import ConfigError
+from gen.eval.reference import Reference, check_reference, resolve_reference
 from gen.eval.scores import frechet_distance_pruned, precision_recall
 
 
@@ -85,7 +86,7 @@ class MetricSuite:
                  reference: Reference | None = None, collective: bool | None = None):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
-            raise ValueError(f"config key 'eval.metrics': unknown or empty {list(metrics)}; any of {sorted(METRICS)}")
+            raise ConfigError(f"config key 'eval.metrics': unknown or empty {list(metrics)}; any of {sorted(METRICS)}")
         self.metrics = {m: METRICS[m] for m in dict.fromkeys(metrics)}
         self.cfg, self.device = cfg, torch.device(device)
         self.comm = Collective(collective)  # None: torch.distributed when initialised; False: this process alone
@@ -121,6 +122,14 @@ class MetricSuite:
         step = self.cfg.batch_per_process
         for start in range(0, len(images), step):
             self._acc.update(images[start:start + step], index[start:start + step])
+
+    def check_reference(self) -> None:
+        """Check eval.reference holds what these metrics need (keys, shapes), from its headers: before any pass."""
+        if self.reference is None:
+            specs = self.metrics.values()
+            dims = {f: d for net in self.networks.values() for f, d in net.dims.items()}
+            check_reference(self.cfg.reference, {f for m in specs for f in m.stats},
+                            {f for m in specs for f in m.gather}, dims)
 
     def resolve_reference(self) -> Reference:
         """The reference for these metrics, resolved once (collective when it is computed from images)."""

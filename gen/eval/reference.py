@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from torch import Tensor
 
+from gen.config import ConfigError
 from gen.data import IMAGE_EXTENSIONS, DataError, adm_center_crop, load_rgb
 from gen.eval.accumulate import Accumulator, feed
-from gen.io import atomic_write
+from gen.io import NpyWriter, atomic_write
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -132,6 +132,65 @@ def open_images(path: str | Path, image_size: int | None = None) -> NpzImages | 
 # Statistics files
 
 
+def npz_headers(path: str | Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """{key: (shape, dtype)} of every array of an .npz, from the headers alone (nothing is loaded)."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in _HEADER_READERS:
+                        raise DataError(f"{path}: '{name[:-4]}' has .npy format {version}, not a plain array")
+                    shape, _, dtype = _HEADER_READERS[version](f)
+                out[name[:-4]] = (tuple(shape), dtype)
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise DataError(f"{path} is not a readable .npz file ({err}); config key 'eval.reference'") from None
+    return out
+
+
+def _not_set() -> ConfigError:
+    return ConfigError("config key 'eval.reference' is not set: FID, sFID, precision/recall and FD-DINOv2 compare "
+                       "against a reference, e.g. ADM's VIRTUAL_imagenet256_labeled.npz (https://openaipublic.blob."
+                       "core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz),"
+                       " a file written by `evaluate.py --make-reference`, or a folder of images")
+
+
+def check_reference(path, stats, gather, dims: dict[str, int]) -> None:
+    """Before any feature pass: the reference at `path` (eval.reference) exists and an .npz holds, for each feature of
+    `stats`, its mean/covariance pair of the network's width `dims[feature]` or arr_0 images to compute it from, and
+    arr_0 images (uint8 N x H x W x 3) when features are gathered from it (precision/recall)."""
+    if not stats and not gather:
+        return
+    if not path:
+        raise _not_set()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"config key 'eval.reference': {path} does not exist")
+    if path.is_dir():
+        return
+    arrays = npz_headers(path)
+    lacking = []
+    for f in sorted(stats):
+        mu_key, sigma_key = REFERENCE_KEYS[f]
+        if mu_key in arrays and sigma_key in arrays:
+            mu, sigma = arrays[mu_key][0], arrays[sigma_key][0]
+            if mu != (dims[f],) or sigma != (dims[f], dims[f]):
+                raise DataError(f"{path}: {mu_key} {mu} and {sigma_key} {sigma} do not fit the feature network's "
+                                f"width {dims[f]}; config key 'eval.reference': statistics of another network")
+        else:
+            lacking.append(f"{mu_key}/{sigma_key}")
+    if (lacking or gather) and "arr_0" not in arrays:
+        needs = lacking + (["arr_0 images for precision/recall"] if gather else [])
+        raise DataError(f"config key 'eval.reference': {path} lacks {needs} and has no arr_0 images to compute them "
+                        f"from (it holds {sorted(arrays)}); use an ADM reference batch or a file written by "
+                        f"`evaluate.py --make-reference`")
+    if lacking or gather:
+        NpzImages(path)  # arr_0 must be uint8 NHWC RGB
+
+
 def read_stats(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], bool]:
     """({feature: (mu, sigma) float64} for the keys present, whether arr_0 is present) of a reference .npz."""
     stats = {}
@@ -205,10 +264,7 @@ def resolve_reference(path, stats, gather, networks, cfg, device, comm) -> Refer
     if not stats and not gather:
         return Reference()
     if not path:
-        raise ValueError("config key 'eval.reference' is not set: FID, sFID, precision/recall and FD-DINOv2 compare "
-                         "against a reference, e.g. ADM's VIRTUAL_imagenet256_labeled.npz (https://openaipublic.blob."
-                         "core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz),"
-                         " a file written by `evaluate.py --make-reference`, or a folder of images")
+        raise _not_set()
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"config key 'eval.reference': {path} does not exist")
@@ -270,7 +326,7 @@ def make_reference(images, out, stats, networks, cfg, device, comm, with_images:
     of them (a fixed random subset), the precision/recall reference set, as in ADM's reference batches.
     """
     if not stats and not with_images:
-        raise ValueError("config key 'eval.metrics': no metric needs a reference (fid, sfid, pr or fd_dinov2)")
+        raise ConfigError("config key 'eval.metrics': no metric needs a reference (fid, sfid, pr or fd_dinov2)")
     out = Path(out)
     source = open_images(images, cfg.image_size)
     moments = {}
@@ -286,10 +342,10 @@ def make_reference(images, out, stats, networks, cfg, device, comm, with_images:
             idx = pr_subset(len(source), cfg.pr_reference_size)
             first = source.read(idx[:1])
             out.parent.mkdir(parents=True, exist_ok=True)
-            subset = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(idx), *first.shape[1:]))
+            writer = NpyWriter(tmp, (len(idx), *first.shape[1:]), np.uint8)  # a full disk: OSError, not SIGBUS
             for start in range(0, len(idx), cfg.batch_per_process):
-                subset[start:start + cfg.batch_per_process] = source.read(idx[start:start + cfg.batch_per_process])
-            subset.flush()
+                writer.write(source.read(idx[start:start + cfg.batch_per_process]))
+            subset = np.load(writer.close(), mmap_mode="r")
         write_stats(out, moments, subset, num_images=np.int64(len(source)))
     finally:
         del subset

@@ -19,6 +19,7 @@ from gen.cond import as_cond
 from gen.config import ComponentConfig, check
 from gen.layers import AdaLNBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
 from gen.models.base import Backbone, BackboneOutput
+from gen.validation import in_range
 
 # Sizes are data (DiT paper, Table 1): depth, hidden width D, attention heads.
 SIZES: dict[str, dict[str, int]] = {
@@ -56,7 +57,7 @@ class DiTConfig(ComponentConfig):
         """Positive sizes, and a width the heads divide."""
         for key in ("depth", "hidden_size", "num_heads"):
             value = getattr(self, key)
-            check(value is None or value > 0, f"model.dit.{key}", "a positive number or null")
+            in_range(f"model.dit.{key}", value, 1, nullable=True)
         size = SIZES[Transformer.SIZES_OF[cfg.model.name]] if cfg.model.name in Transformer.SIZES_OF else {}
         width, heads = self.hidden_size or size.get("hidden_size"), self.num_heads or size.get("num_heads")
         check(width is None or heads is None or width % heads == 0, "model.dit.hidden_size",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +25,7 @@ from gen.config import ComponentConfig, check
 from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import randn as draw_noise
+from gen.validation import in_range
 
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -258,7 +259,7 @@ class DDPMConfig(ComponentConfig):
 
     def validate(self, cfg) -> None:
         """A positive chain length and a registered schedule."""
-        check(self.num_timesteps > 1, "objective.ddpm.num_timesteps", "must be at least 2")
+        in_range("objective.ddpm.num_timesteps", self.num_timesteps, 2)
         check(self.beta_schedule in BETA_SCHEDULES, "objective.ddpm.beta_schedule", f"one of {sorted(BETA_SCHEDULES)}")
 
 

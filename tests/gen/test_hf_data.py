@@ -299,7 +299,7 @@ def test_prepare_caches_an_hf_dataset(tmp_path, fresh_accelerate):
     assert meta["num_classes"] == 10 and meta["channels"] == 3
     assert meta["source"] == {"name": "hf", "path": str(tmp_path / "saved"), "split": "train", "hflip": False,
                               "image_column": "image", "label_column": "label"}
-    with pytest.raises(DataError, match=r"data.path=.*nowhere does not exist"):
+    with pytest.raises(SystemExit, match=r"^error: hf dataset data.path=.*nowhere does not exist"):
         prepare.main(["configs/quickstart.yaml", *COMMON, "data.name=hf", f"data.path={tmp_path / 'nowhere'}",
                       "--out", str(tmp_path / "cache2")])
     assert not (tmp_path / "cache2").exists()

@@ -213,7 +213,7 @@ def test_feature_requests_are_checked_before_writing(feature_cache, tmp_path, fr
     with pytest.raises(DataError, match=r"differs in \['features'\]"):
         prepare.check_out(out, {k: v for k, v in meta.items() if k != "features"})
     # Missing encoder weights fail before anything is written.
-    with pytest.raises(FileNotFoundError, match="align.encoder_weights.dinov2-vit-s"):
+    with pytest.raises(SystemExit, match="^error: .*align.encoder_weights.dinov2-vit-s"):
         prepare.main([str(config), f"align.encoder_weights.{FEAT}={tmp_path / 'none'}", "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()
     # Unknown encoders are refused; the encoders run on the backbone's grid (16 px / patch 4 = 4 x 4).

@@ -75,7 +75,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         train_job.train(cfg)
     assert latest_checkpoint(cfg.train.run_dir).name == "step-00000002"
-    assert (tmp_path / "run" / "checkpoints" / ".tmp-step-00000004").is_dir()  # never taken for a checkpoint
+    assert not (tmp_path / "run" / "checkpoints" / ".tmp-step-00000004").exists()  # the failed write is removed
     monkeypatch.setattr(gen.checkpoint, "save_file", real_save)
     last = train_job.train(cfg, resume=True)
     assert last.name == "step-00000004"
@@ -88,13 +88,13 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
     def poisoned(self, *args, **kwargs):
         out = real_loss(self, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 4:  # the step with index 3
+        if len(calls) == 4:  # the fourth step, logged as step 4 (steps count from 1)
             out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(FlowObjective, "loss", poisoned)
     cfg = tiny(tmp_path / "run", "train.max_steps=6", "train.ckpt_every_steps=2")
-    with pytest.raises(train_job.NonFiniteLoss, match=r"step 3, micro-batch 0.*step-00000002"):
+    with pytest.raises(train_job.NonFiniteLoss, match=r"step 4, micro-batch 0.*step-00000002"):
         train_job.train(cfg)
     assert latest_checkpoint(cfg.train.run_dir).name == "step-00000002"
 
