@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from latents.base import ROUNDING, LatentSpace, to_uint8
 from latents.binary import BinaryLatents
+from latents.mosaic_sdf import MosaicSDFSpace
 from latents.pixel import PixelSpace
 from latents.sd_vae import SDVAE
 
-LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE, BinaryLatents)}
+LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE, BinaryLatents, MosaicSDFSpace)}
 """Latent spaces by the name `latent.name` takes (config section latent.<name with '-' as '_'>)."""
 
 

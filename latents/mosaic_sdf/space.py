@@ -1,0 +1,155 @@
+"""The `mosaic-sdf` latent space: shapes as unordered sets of n tokens [centre, half side, k^3 SDF values]
+(Yariv et al., "Mosaic-SDF for 3D Generative Models", CVPR 2024, arXiv 2312.09222).
+
+Raw encoding (what a cache stores): float32 token matrices (n, 4 + k^3) built from meshes. Model input: the tokens
+standardised per column (statistics pooled over all rows of the training shapes, saved in every checkpoint) with
+their rows in a fresh random order each step (a draw, so runs stay invariant to the number of processes).
+Decoded samples: a list of trimesh.Trimesh in the normalised box [-1, 1]^3, one per sample (empty when the
+field has no zero crossing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gen.config import ComponentConfig, check
+from latents.base import LatentSpace
+from latents.mosaic_sdf.build import from_mesh
+from latents.mosaic_sdf.extract import to_mesh
+from latents.mosaic_sdf.normaliser import ColumnNormaliser
+from latents.mosaic_sdf.representation import MosaicSDF, token_width
+
+_NEXT = "(planned with the rest of the Mosaic-SDF issue)"
+
+
+@dataclass
+class MosaicSDFConfig(ComponentConfig):
+    """Mosaic-SDF: n local k^3 SDF grids per shape (one token per grid, no order)."""
+
+    n: int = 1024
+    """Grids per shape (tokens per sample); the paper's setting is 1024."""
+    k: int = 7
+    """Lattice nodes per grid axis (token width 4 + k^3); the paper's setting is 7."""
+    margin: float = 0.9
+    """Each mesh's bounding box is centred and scaled to a largest half extent of `margin` in [-1, 1]^3, so that
+    marching cubes over [-1, 1]^3 never clips the surface."""
+    alpha: float = 1.5
+    """Common half side = alpha * the largest L-inf distance from a surface sample to its nearest centre (> 1 keeps
+    every surface sample strictly inside some cube)."""
+    surface_samples: int = 20000
+    """Surface points sampled per mesh for the farthest-point centres and the scale rule."""
+    log_scale: bool = True
+    """Standardise log(half side) instead of the half side (de-normalised samples then always have s > 0)."""
+    shuffle_rows: bool = True
+    """Give each training sample's rows a fresh random order every step (a set has no order; free augmentation)."""
+    mc_resolution: int = 128
+    """Nodes per axis of the dense grid over [-1, 1]^3 that marching cubes runs on when decoding."""
+
+    def validate(self, cfg) -> None:
+        """Positive sizes, a margin in (0, 1], alpha > 1 and enough surface samples for n centres."""
+        check(self.n >= 1, "latent.mosaic_sdf.n", "must be at least 1")
+        check(self.k >= 2, "latent.mosaic_sdf.k", "must be at least 2 (a grid needs two nodes per axis)")
+        check(0 < self.margin <= 1, "latent.mosaic_sdf.margin", "must be in (0, 1]")
+        check(self.alpha > 1, "latent.mosaic_sdf.alpha", "must exceed 1 (else surface points may be uncovered)")
+        check(self.surface_samples >= self.n, "latent.mosaic_sdf.surface_samples",
+              f"must be at least latent.mosaic_sdf.n = {self.n} (the centres are picked among them)")
+        check(self.mc_resolution >= 8, "latent.mosaic_sdf.mc_resolution", "must be at least 8")
+
+
+class MosaicSDFSpace(LatentSpace):
+    """Meshes <-> standardised, row-shuffled Mosaic-SDF token sets."""
+
+    name = "mosaic-sdf"
+    Config = MosaicSDFConfig
+    kind = "continuous"
+    layout = "set"
+    modality = "shape"
+    raw_dtype = torch.float32
+    DRAWS = {"order": "sample"}
+
+    def __init__(self, n: int = 1024, k: int = 7, margin: float = 0.9, alpha: float = 1.5,
+                 surface_samples: int = 20000, log_scale: bool = True, shuffle_rows: bool = True,
+                 mc_resolution: int = 128):
+        self.n, self.k = int(n), int(k)
+        self.margin, self.alpha = float(margin), float(alpha)
+        self.surface_samples = int(surface_samples)
+        self.shuffle_rows = bool(shuffle_rows)
+        self.mc_resolution = int(mc_resolution)
+        self.shape = self.raw_shape = (self.n, token_width(self.k))
+        self.normaliser = ColumnNormaliser(token_width(self.k), log_scale=log_scale)
+
+    @classmethod
+    def from_config(cls, cfg) -> MosaicSDFSpace:
+        """From cfg.latent.mosaic_sdf."""
+        c = cfg.latent.mosaic_sdf
+        return cls(c.n, c.k, c.margin, c.alpha, c.surface_samples, c.log_scale, c.shuffle_rows, c.mc_resolution)
+
+    def encode_raw(self, meshes) -> Tensor:
+        """A sequence of watertight trimesh meshes -> float32 token matrices (N, n, 4 + k^3), without fine-tune;
+        each mesh's surface samples are drawn with seed = its position in the sequence."""
+        return torch.stack([from_mesh(m, self.n, self.k, self.alpha, self.margin, self.surface_samples,
+                                      seed=i).to_tokens() for i, m in enumerate(meshes)]).float()
+
+    def fit(self, raw: Tensor) -> MosaicSDFSpace:
+        """Add raw token matrices (..., n, 4 + k^3) to the normalisation statistics (call once per shard)."""
+        self.normaliser.update(raw)
+        return self
+
+    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """A random row order (argsort of uniforms) for each of n samples, (n, self.n) int64."""
+        return {"order": torch.rand((n, self.n), generator=generator, device=device).argsort(dim=1)}
+
+    def to_model(self, raw: Tensor, generator: torch.Generator | None = None, order: Tensor | None = None) -> Tensor:
+        """Standardised tokens, rows taken in `order` (or an order drawn from `generator`) when shuffle_rows."""
+        z = self.normaliser.encode(raw.to(torch.float32))
+        if not self.shuffle_rows:
+            return z
+        if order is None:
+            order = self.draw(z.shape[0], generator, None if generator is None else generator.device)["order"]
+        return torch.gather(z, 1, order.to(z.device)[..., None].expand_as(z))
+
+    def tokens(self, z: Tensor) -> Tensor:
+        """Model-space samples (N, n, d) -> raw token matrices (half sides clamped to >= 1e-6)."""
+        raw = self.normaliser.decode(z.to(torch.float32))
+        return torch.cat([raw[..., :3], raw[..., 3:4].clamp_min(1e-6), raw[..., 4:]], dim=-1)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, rounding: str = "round") -> list:
+        """Model-space samples (N, n, d) -> N trimesh.Trimesh meshes in [-1, 1]^3 (`rounding` is for images and
+        is ignored)."""
+        return [to_mesh(MosaicSDF.from_tokens(t), self.mc_resolution) for t in self.tokens(z)]
+
+    def render(self, samples) -> Tensor:
+        """Shaded pictures of meshes: not implemented yet."""
+        raise NotImplementedError(f"rendering Mosaic-SDF meshes to pictures is not implemented yet {_NEXT}")
+
+    def to_storage(self, samples):
+        """Storage rows of meshes: not implemented yet."""
+        raise NotImplementedError(f"storing Mosaic-SDF samples is not implemented yet {_NEXT}")
+
+    def from_storage(self, rows):
+        """Meshes from storage rows: not implemented yet."""
+        raise NotImplementedError(f"reading stored Mosaic-SDF samples is not implemented yet {_NEXT}")
+
+    def save_samples(self, path, rows, labels):
+        """Writing mesh files: not implemented yet."""
+        raise NotImplementedError(f"writing Mosaic-SDF samples as mesh files is not implemented yet {_NEXT}")
+
+    def settings(self) -> dict:
+        """What determines the raw encoding (the cache): n, k, margin, alpha, surface samples."""
+        return {"n": self.n, "k": self.k, "margin": self.margin, "alpha": self.alpha,
+                "surface_samples": self.surface_samples}
+
+    def state_dict(self) -> dict:
+        """The per-column normalisation statistics."""
+        return {"normaliser": self.normaliser.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict's output."""
+        unknown = set(state) - {"normaliser"}
+        if unknown:
+            raise KeyError(f"{type(self).__name__} has no state {sorted(unknown)}")
+        if "normaliser" in state:
+            self.normaliser.load_state_dict(state["normaliser"])
