@@ -135,5 +135,5 @@ def finetune(shape: MosaicSDF, sdf: SDF, surface: Tensor, normals: Tensor, steps
         opt.step()
         with torch.no_grad():
             params[1].clamp_(min=min_scale)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     return MosaicSDF(*(p.detach() for p in params)), history

@@ -15,55 +15,71 @@ import torch
 from torch import Tensor
 
 PAIRS_PER_CHUNK = 2 ** 21
-"""(point, triangle) pairs evaluated at once; bounds the memory to a few hundred MB in float32."""
+"""(point, triangle) pairs evaluated at once (float64: a few hundred MB)."""
 
 
-def _segment_sq(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Squared distance from points p (P, 1, 3) to segments [a, b] (1, T, 3) -> (P, T)."""
-    ab = b - a
-    t = ((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-30)
-    closest = a + t.clamp(0.0, 1.0)[..., None] * ab
-    return ((p - closest) ** 2).sum(-1)
+def _dot(p: Tensor, v: Tensor) -> Tensor:
+    """p (P, 3) . v (T, 3) for every pair -> (P, T), as one matrix product."""
+    return p @ v.T
 
 
 def triangle_distance_sq(points: Tensor, triangles: Tensor) -> Tensor:
-    """Squared distance of each point (P, 3) to each triangle (T, 3, 3) -> (P, T)."""
-    p = points[:, None, :]
-    a, b, c = (triangles[None, :, i] for i in range(3))
+    """Squared distance of each point (P, 3) to each triangle (T, 3, 3) -> (P, T).
+
+    Every (point, triangle) quantity is a dot product of the point with a per-triangle vector, so each is one matrix
+    product plus a per-triangle constant; call it in float64 (the expanded |p - a|^2 cancels in float32)."""
+    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
     normal = torch.cross(b - a, c - a, dim=-1)
     area2 = (normal * normal).sum(-1)
-    ap = p - a
-    # Barycentric coordinates of the projection from the sub-triangle areas (signed by the normal).
-    u = (torch.cross(c - b, p - b, dim=-1) * normal).sum(-1)
-    v = (torch.cross(a - c, p - c, dim=-1) * normal).sum(-1)
-    w = (torch.cross(b - a, ap, dim=-1) * normal).sum(-1)
-    inside = (u >= 0) & (v >= 0) & (w >= 0) & (area2 > 1e-24)
-    plane_sq = (ap * normal).sum(-1) ** 2 / area2.clamp_min(1e-30)
-    edge_sq = torch.minimum(torch.minimum(_segment_sq(p, a, b), _segment_sq(p, b, c)), _segment_sq(p, c, a))
-    return torch.where(inside, plane_sq, edge_sq)
+    pp = (points * points).sum(-1, keepdim=True)
+    inside = area2 > 1e-24
+    edge_sq = None
+    for v0, v1 in ((a, b), (b, c), (c, a)):
+        e = v1 - v0
+        # The projection lies on the inner side of edge v0 -> v1 when (p - v0) . (normal x e) >= 0.
+        side = torch.cross(normal, e, dim=-1)
+        inside = inside & (_dot(points, side) - (v0 * side).sum(-1) >= 0)
+        ee = (e * e).sum(-1).clamp_min(1e-30)
+        pe = _dot(points, e) - (v0 * e).sum(-1)                            # (p - v0) . e
+        t = (pe / ee).clamp(0.0, 1.0)
+        d0 = pp - 2 * _dot(points, v0) + (v0 * v0).sum(-1)                 # |p - v0|^2
+        d = d0 - 2 * t * pe + t * t * ee
+        edge_sq = d if edge_sq is None else torch.minimum(edge_sq, d)
+    plane = _dot(points, normal) - (a * normal).sum(-1)
+    plane_sq = plane * plane / area2.clamp_min(1e-30)
+    return torch.where(inside, plane_sq, edge_sq).clamp_min(0)
 
 
 def winding_number(points: Tensor, triangles: Tensor) -> Tensor:
     """Generalised winding number of the mesh at each point (P, 3) -> (P,): ~1 inside a closed outward-wound
-    mesh, ~0 outside."""
-    a, b, c = (triangles[None, :, i] - points[:, None, :] for i in range(3))
-    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-    det = (a * torch.cross(b, c, dim=-1)).sum(-1)
-    den = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
+    mesh, ~0 outside. Uses det(a - p, b - p, c - p) = det(a, b, c) - p . (a x b + b x c + c x a) and the like,
+    so each term is a matrix product (call it in float64)."""
+    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+    pp = (points * points).sum(-1, keepdim=True)
+    pa, pb, pc = _dot(points, a), _dot(points, b), _dot(points, c)
+    la = (pp - 2 * pa + (a * a).sum(-1)).clamp_min(0).sqrt()
+    lb = (pp - 2 * pb + (b * b).sum(-1)).clamp_min(0).sqrt()
+    lc = (pp - 2 * pc + (c * c).sum(-1)).clamp_min(0).sqrt()
+    ab = (a * b).sum(-1) - pa - pb + pp                                    # (a - p) . (b - p)
+    bc = (b * c).sum(-1) - pb - pc + pp
+    ca = (c * a).sum(-1) - pc - pa + pp
+    cross_sum = torch.cross(a, b, dim=-1) + torch.cross(b, c, dim=-1) + torch.cross(c, a, dim=-1)
+    det = (a * torch.cross(b, c, dim=-1)).sum(-1) - _dot(points, cross_sum)
+    den = la * lb * lc + ab * lc + bc * la + ca * lb
     return (2.0 * torch.atan2(det, den)).sum(-1) / (4.0 * math.pi)
 
 
 def mesh_sdf(points: Tensor, vertices: Tensor, faces: Tensor) -> Tensor:
     """Signed distance, negative inside, of points (P, 3) to the closed mesh (vertices (V, 3), faces (F, 3) wound
-    outward) -> (P,), in the points' dtype and device; computed in chunks of PAIRS_PER_CHUNK pairs."""
-    triangles = vertices.to(points)[faces.long().to(points.device)]
+    outward) -> (P,), in the points' dtype and device; computed in float64, in chunks of PAIRS_PER_CHUNK pairs."""
+    triangles = vertices.to(points.device, torch.float64)[faces.long().to(points.device)]
     chunk = max(1, PAIRS_PER_CHUNK // max(1, triangles.shape[0]))
     out = []
-    for part in points.split(chunk):
-        dist = triangle_distance_sq(part, triangles).amin(dim=1).clamp_min(0).sqrt()
+    for part in points.to(torch.float64).split(chunk):
+        dist = triangle_distance_sq(part, triangles).amin(dim=1).sqrt()
         inside = winding_number(part, triangles) > 0.5
         out.append(torch.where(inside, -dist, dist))
-    return torch.cat(out) if out else points.new_zeros(0)
+    return torch.cat(out).to(points.dtype) if out else points.new_zeros(0)
 
 
 class MeshSDF:
