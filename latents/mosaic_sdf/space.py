@@ -33,17 +33,15 @@ class MosaicSDFConfig(ComponentConfig):
     k: int = 7
     """Lattice nodes per grid axis (token width 4 + k^3); the paper's setting is 7."""
     margin: float = 0.9
-    """Each mesh's bounding box is centred and scaled to a largest half extent of `margin` in [-1, 1]^3, so that
-    marching cubes over [-1, 1]^3 never clips the surface."""
+    """Largest half extent of each mesh's centred bounding box (< 1: marching cubes on [-1, 1]^3 never clips it)."""
     alpha: float = 1.5
-    """Common half side = alpha * the largest L-inf distance from a surface sample to its nearest centre (> 1 keeps
-    every surface sample strictly inside some cube)."""
+    """Common half side = alpha * max over surface samples of the L-inf distance to the nearest centre (> 1)."""
     surface_samples: int = 20000
     """Surface points sampled per mesh for the farthest-point centres and the scale rule."""
     log_scale: bool = True
     """Standardise log(half side) instead of the half side (de-normalised samples then always have s > 0)."""
     shuffle_rows: bool = True
-    """Give each training sample's rows a fresh random order every step (a set has no order; free augmentation)."""
+    """Give each training sample's rows a fresh random order every step (a set has no order)."""
     mc_resolution: int = 128
     """Nodes per axis of the dense grid over [-1, 1]^3 that marching cubes runs on when decoding."""
 
