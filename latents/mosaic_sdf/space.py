@@ -84,11 +84,16 @@ class MosaicSDFSpace(LatentSpace):
         c = cfg.latent.mosaic_sdf
         return cls(c.n, c.k, c.margin, c.alpha, c.surface_samples, c.log_scale, c.shuffle_rows, c.mc_resolution)
 
-    def encode_raw(self, meshes) -> Tensor:
-        """A sequence of watertight trimesh meshes -> float32 token matrices (N, n, 4 + k^3), without fine-tune;
-        each mesh's surface samples are drawn with seed = its position in the sequence."""
+    def encode_raw(self, meshes, seed: int = 0) -> Tensor:
+        """A sequence of watertight trimesh meshes -> float32 token matrices (N, n, 4 + k^3), without fine-tune.
+        Every mesh's surface samples are drawn with the same `seed`, so a mesh's encoding does not depend on the
+        batch it comes in."""
         return torch.stack([from_mesh(m, self.n, self.k, self.alpha, self.margin, self.surface_samples,
-                                      seed=i).to_tokens() for i, m in enumerate(meshes)]).float()
+                                      seed=seed).to_tokens() for m in meshes]).float()
+
+    def encode(self, meshes, generator: torch.Generator | None = None, order: Tensor | None = None) -> Tensor:
+        """On-the-fly encoding: meshes -> model inputs (standardised, rows in `order` or a drawn order)."""
+        return self.to_model(self.encode_raw(meshes), generator=generator, order=order)
 
     def fit(self, raw: Tensor) -> MosaicSDFSpace:
         """Add raw token matrices (..., n, 4 + k^3) to the normalisation statistics (call once per shard)."""
