@@ -53,12 +53,13 @@ def pairwise(a: Tensor, b: Tensor, distance: str = "cd") -> Tensor:
     """D[i, j] = distance(a[i], b[j]) for clouds a (Na, N, 3) and b (Nb, M, 3) -> (Na, Nb), in batches of pairs."""
     fn = DISTANCES[distance]
     per = max(1, PAIRS_PER_BATCH // max(1, a.shape[1] * b.shape[1]))
-    out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
-    pairs = [(i, j) for i in range(a.shape[0]) for j in range(b.shape[0])]
-    for start in range(0, len(pairs), per):
-        block = torch.tensor(pairs[start:start + per], device=a.device)
-        out[block[:, 0], block[:, 1]] = fn(a[block[:, 0]], b[block[:, 1]])
-    return out
+    rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(b.shape[0])
+    cols = torch.arange(b.shape[0], device=a.device).repeat(a.shape[0])
+    out = torch.empty(a.shape[0] * b.shape[0], dtype=a.dtype, device=a.device)
+    for start in range(0, out.numel(), per):
+        i, j = rows[start:start + per], cols[start:start + per]
+        out[start:start + per] = fn(a[i], b[j])
+    return out.reshape(a.shape[0], b.shape[0])
 
 
 def coverage(d_gr: Tensor) -> float:

@@ -1,5 +1,5 @@
 """Mesh -> Mosaic-SDF: normalisation, farthest-point centres, one common scale, SDF fill, optional fine-tune
-(Yariv et al., CVPR 2024, arXiv 2312.09222, section 3.2 and its Algorithm 1 for the conversion).
+(Yariv et al., CVPR 2024, arXiv 2312.09222, Algorithm 1; its section numbers were not checked here).
 
 Choices the paper leaves open are arguments with the defaults of latent.mosaic_sdf.*:
 - the box: the bounding box is centred and scaled so that its largest half extent is `margin` (< 1 keeps the

@@ -1,7 +1,7 @@
 """Per-column standardisation of Mosaic-SDF tokens, pooled over every row of every shape.
 
-The paper's normalisation is not used here (Yariv et al., CVPR 2024, arXiv 2312.09222, section 4 trains on the
-token matrices; the exact scheme is this implementation's choice). Because the statistics pool all rows, they do
+Yariv et al. (CVPR 2024, arXiv 2312.09222) train on the token matrices; how they normalise them was not checked,
+so this scheme is this implementation's choice. Because the statistics pool all rows, they do
 not depend on row order, and the standardised set stays a set. The half-side column is optionally taken as log s
 first, so that a de-normalised sample always has s > 0.
 """

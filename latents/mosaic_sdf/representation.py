@@ -1,5 +1,5 @@
 """The Mosaic-SDF representation and its global SDF (Yariv et al., "Mosaic-SDF for 3D Generative Models", CVPR 2024,
-arXiv 2312.09222, section 3: a shape is a set of n local k^3 SDF grids blended by a partition of unity).
+arXiv 2312.09222, the representation section: n local k^3 SDF grids blended by a partition of unity).
 
 Grid i has centre p_i (3), half side s_i > 0 (the cube is p_i + s_i [-1, 1]^3) and values V_i (k, k, k) sampled at
 the lattice nodes p_i + s_i g, g in G = {-1, -1 + 2/(k-1), ..., 1}^3 with 'ij' indexing: V_i[a, b, c] is the value at
