@@ -82,14 +82,15 @@ def morton_order(points: Tensor, bits: int = 10) -> Tensor:
     return code.argsort()
 
 
-def mesh_sdf(points: Tensor, vertices: Tensor, faces: Tensor, chunk: int = 128) -> Tensor:
+def mesh_sdf(points: Tensor, vertices: Tensor, faces: Tensor, chunk: int | None = None) -> Tensor:
     """Signed distance, negative inside, of points (P, 3) to the closed mesh (vertices (V, 3), faces (F, 3) wound
     outward) -> (P,), in the points' dtype and device.
 
-    Points are taken `chunk` at a time in Z-order. For each run, the distance to the nearest vertex bounds the
-    distance to the mesh from above, so only triangles whose bounding boxes lie within that bound of the run's
-    bounding box are tested, exactly, in float64. The winding number needs every triangle; it runs in float32 about
-    the run's centre (only its comparison with 1/2 is used).
+    Points are taken `chunk` at a time in Z-order (default: 2^17 / faces, within [128, 8192]: short runs cull
+    more triangles, long runs cost less Python overhead on small meshes). For each run, the distance to the nearest
+    vertex bounds the distance to the mesh from above, so only triangles whose bounding boxes lie within that bound
+    of the run's bounding box are tested, exactly, in float64. The winding number needs every triangle; it runs in
+    float32 about the run's centre (only its comparison with 1/2 is used).
     """
     if points.shape[0] == 0:
         return points.new_zeros(0)
@@ -99,6 +100,7 @@ def mesh_sdf(points: Tensor, vertices: Tensor, faces: Tensor, chunk: int = 128) 
     vert64 = vertices.to(device, torch.float64)
     out = torch.empty(points.shape[0], dtype=torch.float64, device=device)
     per = max(1, PAIRS_PER_CHUNK // max(1, tri64.shape[0]))
+    chunk = chunk or min(8192, max(128, 2 ** 17 // max(1, tri64.shape[0])))
     for idx in morton_order(points).split(chunk):
         p = points[idx].to(torch.float64)
         centre = p.mean(dim=0)
