@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gen.config import ComponentConfig, check
+from gen.config import ComponentConfig
+from gen.validation import in_range
 from latents.base import LatentSpace
 from latents.mosaic_sdf.build import from_mesh
 from latents.mosaic_sdf.extract import to_mesh
@@ -47,13 +48,13 @@ class MosaicSDFConfig(ComponentConfig):
 
     def validate(self, cfg) -> None:
         """Positive sizes, a margin in (0, 1], alpha > 1 and enough surface samples for n centres."""
-        check(self.n >= 1, "latent.mosaic_sdf.n", "must be at least 1")
-        check(self.k >= 2, "latent.mosaic_sdf.k", "must be at least 2 (a grid needs two nodes per axis)")
-        check(0 < self.margin <= 1, "latent.mosaic_sdf.margin", "must be in (0, 1]")
-        check(self.alpha > 1, "latent.mosaic_sdf.alpha", "must exceed 1 (else surface points may be uncovered)")
-        check(self.surface_samples >= self.n, "latent.mosaic_sdf.surface_samples",
-              f"must be at least latent.mosaic_sdf.n = {self.n} (the centres are picked among them)")
-        check(self.mc_resolution >= 8, "latent.mosaic_sdf.mc_resolution", "must be at least 8")
+        in_range("latent.mosaic_sdf.n", self.n, 1)
+        in_range("latent.mosaic_sdf.k", self.k, 2, why="a grid needs two nodes per axis")
+        in_range("latent.mosaic_sdf.margin", self.margin, 0.0, 1.0, above=True)
+        in_range("latent.mosaic_sdf.alpha", self.alpha, 1.0, above=True, why="else surface points may be uncovered")
+        in_range("latent.mosaic_sdf.surface_samples", self.surface_samples, self.n,
+                 why="the n centres are picked among them")
+        in_range("latent.mosaic_sdf.mc_resolution", self.mc_resolution, 8)
 
 
 class MosaicSDFSpace(LatentSpace):
