@@ -48,8 +48,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, H/p * W/p, D)."""
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """(N, C, H, W) -> (N, H/p * W/p, D), contiguous.
+
+        The transposed conv output would otherwise lay the whole residual stream out token-fastest (elementwise
+        ops keep their first operand's layout): every LayerNorm then copies its input to a contiguous one, forward
+        and backward, and the residual adds run strided. Same values either way.
+        """
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
