@@ -287,7 +287,7 @@ class OurStep:
         self.trainee = Trainee(self.model, self.objective, aligners, teacher=self.ema.model).to(device)
         self.module = self.trainee
         if compile:
-            self.model.compile()
+            self.model.compile_regions()
         self.trainee, self.optimizer = ours.prepare_step(self.accelerator, self.trainee, "full", 0, cfg)
         data = make_batch(batch, tokens=tokens)
         self.batch = {k: data[k] for k in ("raw", "label")}
