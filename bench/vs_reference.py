@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import train as ours  # before the REPA folder joins sys.path: it has a train.py too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (train.py), run as bench/vs_reference.py
+import train as ours  # noqa: E402 - before the REPA folder joins sys.path: it has a train.py too
 from align.encoders import ENCODERS, build_encoder, create_encoder_model
 from gen.cond import Cond, Conditioning
 from gen.config import load_config
