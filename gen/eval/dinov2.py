@@ -13,6 +13,8 @@ resamples the checkpoint's position embeddings the hub's way before a strict loa
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,19 @@ def hub_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
     return torch.cat([cls, patch.to(pos_embed.dtype)], dim=1)
 
 
+def pil_bicubic(arrays: np.ndarray, size: tuple[int, int], workers: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, *size, 3): PIL bicubic per image (dgm-eval's Resize on PIL images), on a thread
+    pool (PIL releases the GIL while resampling), so the host keeps up with the network; same values as one thread."""
+    def resize(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC))
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers == 1 or len(arrays) < 2:
+        return np.stack([resize(a) for a in arrays])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(resize, arrays)))
+
+
 def _read_state(path: Path) -> dict[str, Tensor]:
     """A flat tensor state dict from .safetensors or a torch file (tensors only, nothing unpickled as code)."""
     if path.suffix == ".safetensors":
@@ -134,7 +149,7 @@ class DinoV2Features(nn.Module):
         """uint8 (N, 3, H, W) -> float32 (N, 3, S, S): PIL bicubic resize, /255, ImageNet mean/std (dgm-eval)."""
         size = (self.image_size, self.image_size)
         arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-        resized = np.stack([np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC)) for a in arrays])
+        resized = pil_bicubic(arrays, size)
         x = torch.from_numpy(resized).to(self.mean.device).permute(0, 3, 1, 2).float().div(255)
         return (x - self.mean) / self.std
 
