@@ -4,8 +4,10 @@ from gen.objectives.base import LossOutput, Objective
 from gen.objectives.bernoulli import BernoulliObjective
 from gen.objectives.ddpm import DDPMObjective
 from gen.objectives.flow import FlowObjective
+from gen.objectives.masked_tokens import MaskedTokensObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.KEY: cls for cls in (FlowObjective, DDPMObjective, BernoulliObjective)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.KEY: cls for cls in (FlowObjective, DDPMObjective, BernoulliObjective, MaskedTokensObjective)}
 
 
 def build_objective(cfg, model) -> Objective:
@@ -13,5 +15,5 @@ def build_objective(cfg, model) -> Objective:
     return OBJECTIVES[cfg.objective.name].from_config(cfg, model)
 
 
-__all__ = ["OBJECTIVES", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput", "Objective",
-           "build_objective"]
+__all__ = ["OBJECTIVES", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput", "MaskedTokensObjective",
+           "Objective", "build_objective"]
