@@ -273,3 +273,26 @@ def from_mage(state: dict) -> dict[str, Tensor]:
         return key.startswith(MAGE_UNUSED) and key != "decoder_pos_embed_learned"
 
     return {k: v for k, v in state.items() if not unused(k)}
+
+
+PUBLISHED = ("MAGE's predictors mage-vitb-1600.pth / mage-vitl-1600.pth are linked from github.com/LTH14/mage "
+             "README.md (also github.com/ChangyaoTian/ADDP README.md)")
+
+
+def load_mage(model: MaskedTokenTransformer, path: str | None, key: str) -> MaskedTokenTransformer:
+    """Load a released MAGE checkpoint (or a state dict of ours) from the local file `path` into `model`, strictly;
+    `key` is the config key that gave the path (named in the errors)."""
+    import os
+
+    from gen.io import load_state
+
+    if path is None or not os.path.isfile(str(path)):
+        problem = f"{key} is not set" if path is None else f"{key}={str(path)!r}: no such file"
+        raise FileNotFoundError(f"{problem}; {PUBLISHED}; pass the file with {key}=/path/to/file")
+    state = from_mage(load_state(str(path), f"MAGE predictor weights, {key}"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} ({key}) does not fit the configured MAGE model (its size, K and class slots): "
+                         f"{str(err).splitlines()[1:3]}") from None
+    return model
