@@ -232,10 +232,14 @@ class VQLatents(LatentSpace):
 
     @torch.no_grad()
     def decode(self, z: Tensor, rounding: str = "round") -> Tensor:
-        """ids (N, h, w) (int, or floats holding ints) -> uint8 (N, 3, H, W) (decoder output in [0, 1])."""
-        ids = z.round().long() if z.is_floating_point() else z.long()
-        codes = self.codebook(z.device)
-        images = [self.decode_codes(embed(codes, chunk).float()) for chunk in ids.split(self.batch_size)]
+        """ids (N, h, w) (int, or floats holding ints), or a code map (N, d, h, w) (soft codes included, e.g. ADDP's
+        final image) -> uint8 (N, 3, H, W) (decoder output in [0, 1])."""
+        if z.ndim == 4:
+            maps = z.float()
+        else:
+            ids = z.round().long() if z.is_floating_point() else z.long()
+            maps = embed(self.codebook(z.device), ids).float()
+        images = [self.decode_codes(chunk) for chunk in maps.split(self.batch_size)]
         return to_uint8(torch.cat(images) * 2.0 - 1.0, rounding)
 
     def settings(self) -> dict:

@@ -249,13 +249,15 @@ OBJECTIVE_SETTINGS = {"flow": ["objective.name=flow", "sampler.sampler=euler"],
                       "ddpm": ["objective.name=ddpm", "objective.ddpm.num_timesteps=20", "sampler.sampler=ddpm"],
                       "bernoulli": ["objective.name=bernoulli", "objective.bernoulli.num_timesteps=8",
                                     "sampler.sampler=ancestral"],
-                      "masked_tokens": ["objective.name=masked_tokens", "sampler.sampler=maskgit"]}
+                      "masked_tokens": ["objective.name=masked_tokens", "sampler.sampler=maskgit"],
+                      "addp": ["objective.name=addp", "objective.addp.predictor=oracle", "sampler.sampler=alternating",
+                               "sampler.cfg_scale=1.0"]}
 LATENT_SETTINGS = {"pixel": ["latent.name=pixel"], "sd-vae": ["latent.name=sd-vae"], "rows": ["latent.name=rows"],
                    "binary": ["latent.name=binary", *TINY_BAE],
                    "vq": ["latent.name=vq", "latent.vq.quantizer=palette", "latent.vq.codebook_size=8",
                           "latent.vq.code_dim=3", "latent.vq.factor=4"]}
 FAMILY_SETTINGS = {"dit": ["model.name=SiT-S/2", *TINY_DIT], "token_mlp": ["model.name=TokenMLP"],
-                   "mage": ["model.name=MAGE-T"]}
+                   "mage": ["model.name=MAGE-T"], "addp": ["model.name=ADDP-T", "model.addp.patch_size=4"]}
 
 
 def combination(family: str, objective: str, latent: str, tmp_path) -> list[str]:
@@ -268,8 +270,9 @@ def combination(family: str, objective: str, latent: str, tmp_path) -> list[str]
 
 
 def compatible(family: str, objective: str, latent: str) -> bool:
+    backbones = OBJECTIVES[objective].BACKBONES
     return LATENTS[latent].kind in OBJECTIVES[objective].LATENT_KINDS and \
-        LATENTS[latent].layout in FAMILIES[family].LAYOUTS
+        LATENTS[latent].layout in FAMILIES[family].LAYOUTS and (backbones is None or family in backbones)
 
 
 def weights(ckpt) -> dict:
@@ -277,7 +280,8 @@ def weights(ckpt) -> dict:
             **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-COMBINATIONS = list(itertools.product(["dit", "token_mlp", "mage"], ["ddpm", "flow", "bernoulli", "masked_tokens"],
+COMBINATIONS = list(itertools.product(["dit", "token_mlp", "mage", "addp"],
+                                      ["ddpm", "flow", "bernoulli", "masked_tokens", "addp"],
                                       ["pixel", "sd-vae", "rows", "binary", "vq"]))
 
 
@@ -288,7 +292,7 @@ def test_every_combination_trains_resumes_and_samples_or_is_refused(toys, tmp_pa
         with pytest.raises(ConfigError) as err:
             load_config(None, overrides)
         assert latent in str(err.value) and any(name in str(err.value)
-                                                for name in (objective, "TokenMLP", "SiT-S/2", "MAGE-T"))
+                                                for name in (objective, "TokenMLP", "SiT-S/2", "MAGE-T", "ADDP-T"))
         return
     straight = train_job.train(load_config(None, [*overrides, f"train.run_dir={tmp_path / 'a'}",
                                                   "train.max_steps=2"]))

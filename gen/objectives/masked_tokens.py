@@ -99,6 +99,7 @@ class MaskedTokensObjective(Objective):
     LATENT_KINDS = ("tokens",)
     SAMPLERS = {"maskgit": "iterative confidence-based decoding with Gumbel re-masking (MaskGIT/MAGE)"}
     DRAWS = {"u": "sample", "u_batch": "batch", "scores": "sample"}
+    BACKBONES = ("mage",)
 
     def __init__(self, mask_id: int, codebook_size: int, mask_schedule: str = "cosine", per_batch: bool = False,
                  ratio_min: float = 0.5, ratio_max: float = 1.0, ratio_mu: float = 0.55, ratio_std: float = 0.25,
