@@ -187,3 +187,40 @@ def test_overfits_one_batch_towards_the_smoothed_entropy_floor():
     z = obj.sample(obj.model_fn(model), obj.prior(GRID, gens), None, generator=gens, num_steps=6)
     images = obj.latent.decode_codes(z)
     assert images.shape == (2, 3, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1
+
+
+# Through the jobs ----------------------------------------------------------------------------------------
+
+JOB = ["data.name=digits", "data.image_size=16", "data.num_workers=0", "model.name=ADDP-T", "model.addp.patch_size=4",
+       "latent.name=vq", "latent.vq.quantizer=palette", "latent.vq.codebook_size=8", "latent.vq.code_dim=3",
+       "latent.vq.factor=4", "objective.name=addp", "sampler.sampler=alternating", "sampler.num_steps=4",
+       "train.global_batch_size=16", "train.lr=1e-3", "train.max_steps=3", "log.tracker=none", "log.every_steps=1",
+       "log.preview_every_steps=0", "train.ema_decay=0.9"]
+
+
+def save_predictor(path):
+    torch.manual_seed(0)
+    torch.save(MaskedTokenTransformer.MODELS["MAGE-T"](grid=(4, 4), codebook_size=8).state_dict(), path)
+    return ["objective.addp.predictor=mage", "objective.addp.predictor_model=MAGE-T",
+            f"objective.addp.predictor_weights={path}"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_frozen_parts_stay_out_of_the_optimizer_ema_and_checkpoints(tmp_path):
+    import train as train_job
+    from safetensors.torch import load_file
+
+    ckpt = train_job.train(load_config(None, [*JOB, *save_predictor(tmp_path / "mage.pth"), "train.max_steps=1",
+                                              f"train.run_dir={tmp_path / 'r'}"]))
+    model, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    fresh = build_backbone(load_config(None, JOB), (4, 4)).state_dict()
+    names = {k.removeprefix("model.") for k in model} | {k.removeprefix("model.") for k in ema}
+    assert names == set(fresh)  # the backbone's tensors only: no predictor, no tokenizer
+    assert len(torch.load(ckpt / "optimizer.bin", weights_only=True)["state"]) == len(fresh)
+
+
+def test_two_processes_match_one(tmp_path):
+    """The per-batch grid levels and per-sample scores split over 2 processes like over 1 (MAGE predictor)."""
+    from helpers import assert_two_processes_match_one
+
+    assert_two_processes_match_one(tmp_path, [*JOB, *save_predictor(tmp_path / "mage.pth")], lr=1e-3, steps=3)
