@@ -280,8 +280,8 @@ PUBLISHED = ("MAGE's predictors mage-vitb-1600.pth / mage-vitl-1600.pth are link
 
 
 def load_mage(model: MaskedTokenTransformer, path: str | None, key: str) -> MaskedTokenTransformer:
-    """Load a released MAGE checkpoint (or a state dict of ours) from the local file `path` into `model`, strictly;
-    `key` is the config key that gave the path (named in the errors)."""
+    """Load a released MAGE checkpoint, a state dict of ours, or a masked_tokens run's model/ema .safetensors from
+    the local file `path` into `model`, strictly; `key` is the config key that gave the path (named in the errors)."""
     import os
 
     from gen.io import load_state
@@ -289,7 +289,12 @@ def load_mage(model: MaskedTokenTransformer, path: str | None, key: str) -> Mask
     if path is None or not os.path.isfile(str(path)):
         problem = f"{key} is not set" if path is None else f"{key}={str(path)!r}: no such file"
         raise FileNotFoundError(f"{problem}; {PUBLISHED}; pass the file with {key}=/path/to/file")
-    state = from_mage(load_state(str(path), f"MAGE predictor weights, {key}"))
+    if str(path).endswith(".safetensors"):  # e.g. a masked_tokens run's checkpoint, ema.safetensors
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = from_mage(load_state(str(path), f"MAGE predictor weights, {key}"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

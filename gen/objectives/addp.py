@@ -35,7 +35,7 @@ from gen.cond import Cond, Conditioning
 from gen.config import ComponentConfig, check
 from gen.objectives.addp_masks import generation_counts, grid_levels, nested_masks, ratio_grid
 from gen.objectives.base import LossOutput, Objective
-from gen.objectives.masked_tokens import lowest
+from gen.objectives.masked_tokens import lowest, reveal
 from gen.sampling.noise import Generators, rand
 from latents.vq import embed, soft_embed
 
@@ -232,15 +232,9 @@ class ADDPObjective(Objective):
             logits = model_fn(x, ids.reshape(shape), mask.reshape(shape)).float().reshape(n, length, -1)
             probs = torch.softmax(logits, dim=-1)
             u = rand((n, 2, length), generator, x_T.device, torch.float64)
-            cdf = probs.double().cumsum(dim=-1)
-            draw = torch.searchsorted(cdf, (u[:, 0] * cdf[..., -1])[..., None]).squeeze(-1)
-            ids = torch.where(mask, draw.clamp(max=self.codebook_size - 1), ids)
             frac = (step + 1) / num_steps
             tau = choice_temperature * (1.0 - frac) if temperature_strategy == "dynamic" else choice_temperature
-            tiny = torch.finfo(torch.float64).tiny
-            gumbel = -torch.log(-torch.log(u[:, 1].clamp(tiny, 1.0 - 1e-16)))
-            confidence = torch.log(probs.gather(-1, ids[..., None])[..., 0].double()) + tau * gumbel
-            confidence = torch.where(mask, confidence, torch.inf)
+            ids, confidence = reveal(probs, ids, mask, u, tau)
             mask = lowest(confidence, torch.full((n,), counts[step], device=ids.device)) & mask
             z = self.code_map(ids.reshape(shape), mask, probs.reshape(*shape, -1))
             x = self.latent.decode_codes(z)

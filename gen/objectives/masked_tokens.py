@@ -91,6 +91,18 @@ def lowest(scores: Tensor, counts: Tensor) -> Tensor:
     return ranks < counts.reshape(-1, 1)
 
 
+def reveal(probs: Tensor, ids: Tensor, unknown: Tensor, u: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """One decoding draw (MaskGIT/MAGE, also ADDP's sampler): ids at `unknown` positions ~ probs (N, L, K) by the
+    inverse CDF at u[:, 0], the others kept; confidence log p(id) + tau Gumbel (from u[:, 1]) there, +inf elsewhere.
+    u: (N, 2, L) float64 uniforms."""
+    cdf = probs.double().cumsum(dim=-1)
+    draw = torch.searchsorted(cdf, (u[:, 0] * cdf[..., -1])[..., None]).squeeze(-1)
+    ids = torch.where(unknown, draw.clamp(max=probs.shape[-1] - 1), ids)
+    gumbel = -torch.log(-torch.log(u[:, 1].clamp(torch.finfo(torch.float64).tiny, 1.0 - 1e-16)))
+    confidence = torch.log(probs.gather(-1, ids[..., None])[..., 0].double()) + tau * gumbel
+    return ids, torch.where(unknown, confidence, torch.inf)
+
+
 class MaskedTokensObjective(Objective):
     """MaskGIT/MAGE masked token prediction on a vq latent, sampled by iterative confidence-based decoding."""
 
@@ -232,17 +244,10 @@ class MaskedTokensObjective(Objective):
             logits = fn(ids.reshape(shape), t, cond).float().reshape(n, length, -1)
             probs = torch.softmax(logits, dim=-1)
             u = rand((n, 2, length), generator, x_T.device, torch.float64)
-            cdf = probs.double().cumsum(dim=-1)
-            draw = torch.searchsorted(cdf, (u[:, 0] * cdf[..., -1])[..., None]).squeeze(-1)
-            sampled = torch.where(unknown, draw.clamp(max=self.codebook_size - 1), ids)
             ratio = (step + 1) / num_steps
+            sampled, confidence = reveal(probs, ids, unknown, u, tau * (1.0 - ratio))
             counts = unknown.sum(dim=1) - 1
             counts = counts.clamp(max=self.remaining(step, num_steps, length)).clamp(min=1)
-            tiny = torch.finfo(torch.float64).tiny
-            gumbel = -torch.log(-torch.log(u[:, 1].clamp(tiny, 1.0 - 1e-16)))
-            chosen = probs.gather(-1, sampled[..., None])[..., 0].double()
-            confidence = torch.log(chosen) + tau * (1.0 - ratio) * gumbel
-            confidence = torch.where(unknown, confidence, torch.inf)
             remask = lowest(confidence, counts) & unknown
             ids = torch.where(remask, self.mask_id, sampled)
             if callback is not None:
