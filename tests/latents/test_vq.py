@@ -200,3 +200,28 @@ def test_palette_space_through_the_config():
     out = space.decode(ids.float())
     assert out.shape == (1, 3, 16, 16) and out.dtype == torch.uint8
     assert torch.equal(space.encode_raw(out), ids)
+
+
+@pytest.mark.slow
+def test_prepare_caches_int64_ids(tmp_path):
+    """prepare.py caches the ids as int64 (N, h, w); training reads them back unchanged."""
+    from helpers import run_job
+
+    from gen.data import DigitsDataset, LatentCacheDataset, build_dataset
+
+    config = tmp_path / "vq.yaml"
+    config.write_text("model: {name: MAGE-T}\ndata: {name: digits, image_size: 16, num_workers: 0}\n"
+                      "objective: {name: masked_tokens}\nsampler: {sampler: maskgit, num_steps: 4}\n"
+                      "latent: {name: vq, vq: {quantizer: palette, codebook_size: 16, code_dim: 3, factor: 4}}\n")
+    out = tmp_path / "cache"
+    done = run_job("prepare.py", [str(config), "--out", str(out), "--shard-size", "500"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    cache = LatentCacheDataset(out, expected_raw_shape=(4, 4))
+    assert cache.meta["raw_dtype"] == "int64" and cache.meta["latent"]["name"] == "vq"
+    digits = DigitsDataset("train", 16)
+    some = list(range(0, len(digits), 97))
+    raw = torch.stack([torch.as_tensor(cache[i]["raw"]) for i in some])
+    cfg = load_config(config, ["data.name=latent_cache", f"data.path={out}"])
+    latent = build_latent(cfg)
+    assert raw.dtype == torch.int64 and torch.equal(raw, latent.encode_raw(digits.images[some]))
+    assert len(build_dataset(cfg)) == len(digits) and torch.equal(latent.to_model(raw), raw)
