@@ -230,8 +230,7 @@ def test_released_predictor_loads_and_computes_the_reference_network(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Through the jobs: two processes equal one, with MAGE's per-batch ratios and token drop (slow: the ADDP test runs
-# the same check on per-batch draws by default).
+# Through the jobs: two processes equal one, with MAGE's per-batch ratios and token drop (slow, ~45 s).
 
 JOB = ["data.name=digits", "data.image_size=16", "data.num_workers=0", "cond.num_classes=10", "model.name=MAGE-T",
        "latent.name=vq", "latent.vq.quantizer=palette", "latent.vq.codebook_size=8", "latent.vq.code_dim=3",
