@@ -176,17 +176,35 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU (timm's Mlp names: fc1, fc2)."""
+    """Two-layer MLP with tanh-approximated GELU (timm's Mlp names: fc1, fc2); `approximate="none"`: exact GELU
+    (timm's default, as in MAE/MAGE ViTs)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""
         return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, x + attn(LN(x)) then x + mlp(LN(x)) (timm's Block names as in MAE/MAGE: norm1,
+    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2); qkv bias, exact GELU, LayerNorm eps 1e-6, no dropout."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T, D)."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class AdaLNBlock(nn.Module):

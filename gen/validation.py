@@ -49,6 +49,10 @@ def validate(cfg: Config) -> None:
     check(latent.layout in family.LAYOUTS, "model.name",
           f"backbone {cfg.model.name!r} takes {'/'.join(family.LAYOUTS)} samples, not latent space "
           f"{cfg.latent.name!r} ({latent.layout}); choose another model.name or latent.name")
+    check(objective.BACKBONES is None or family.KEY in objective.BACKBONES, "model.name",
+          f"objective {cfg.objective.name!r} trains {'/'.join(objective.BACKBONES or ())} backbones, not "
+          f"{cfg.model.name!r} ({family.KEY}) on latent space {cfg.latent.name!r}; choose another model.name or "
+          f"objective.name")
     check(cfg.sampler.sampler in objective.SAMPLERS, "sampler.sampler",
           f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
     in_range("cond.label_dropout", cfg.cond.label_dropout, 0.0, 1.0, below=True)

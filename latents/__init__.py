@@ -6,8 +6,10 @@ from latents.binary import BinaryLatents
 from latents.mosaic_sdf import MosaicSDFSpace
 from latents.pixel import PixelSpace
 from latents.sd_vae import SDVAE
+from latents.vq import VQLatents
 
-LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE, BinaryLatents, MosaicSDFSpace)}
+LATENTS: dict[str, type[LatentSpace]] = {cls.name: cls for cls in (PixelSpace, SDVAE, BinaryLatents, MosaicSDFSpace,
+                                                                         VQLatents)}
 """Latent spaces by the name `latent.name` takes (config section latent.<name with '-' as '_'>)."""
 
 
@@ -19,4 +21,5 @@ def build_latent(cfg) -> LatentSpace:
     return choose("latent", cfg.latent.name, "latent.name").from_config(cfg)
 
 
-__all__ = ["LATENTS", "ROUNDING", "SDVAE", "BinaryLatents", "LatentSpace", "PixelSpace", "build_latent", "to_uint8"]
+__all__ = ["LATENTS", "ROUNDING", "SDVAE", "BinaryLatents", "LatentSpace", "PixelSpace", "VQLatents", "build_latent",
+           "to_uint8"]

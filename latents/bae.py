@@ -61,18 +61,24 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice plus the input (through a 1x1 conv, `skip`, when the width changes)."""
+    """GroupNorm-SiLU-conv twice plus the input (through a 1x1 conv, `skip`, when the width changes).
 
-    def __init__(self, c_in: int, c_out: int, groups: int):
+    `bias=False` builds bias-free convs; `skip_after=True` applies the width-changing 1x1 conv to the block's output
+    h instead of its input, h + skip(h) (MAGE's JAX-ported VQGAN, latents.vqgan: its `nin_shortcut` maps h)."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, bias: bool = True, skip_after: bool = False):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias)
+        self.skip = nn.Conv2d(c_out if skip_after else c_in, c_out, 1, bias=bias) if c_in != c_out else None
+        self.skip_after = skip_after
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return h + (x if self.skip is None else self.skip(x))
+        if self.skip is None:
+            return h + x
+        return h + self.skip(h if self.skip_after else x)
 
 
 class AttnBlock(nn.Module):

@@ -48,7 +48,8 @@ class LatentSpace(ABC):
     kind: ClassVar[str] = "continuous"
     """Values the objective sees: continuous, binary or tokens (objectives declare the kinds they take)."""
     layout: ClassVar[str] = "grid"
-    """Sample layout the backbone sees: grid (C, H, W) or set (n, d) (backbone families declare theirs)."""
+    """Sample layout the backbone sees: grid (C, H, W), set (n, d) or id_grid (h, w) of int64 token ids (backbone
+    families declare theirs)."""
     modality: ClassVar[str] = "image"
     """What decoded samples are (image, shape): picks the metric suite and the sample file format."""
     raw_dtype: ClassVar[torch.dtype] = torch.float32

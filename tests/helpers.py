@@ -56,3 +56,37 @@ def make_image_folder(root, n_per_class=8, size=40):
             crop = photo[i * 30:i * 30 + size, i * 40:i * 40 + size]
             Image.fromarray(crop).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+def assert_two_processes_match_one(tmp_path, args, lr: float, steps: int):
+    """train.py `args` (ending after `steps` steps at learning rate `lr`) on 1 and on 2 processes: same logged losses
+    and weights up to float reduction order.
+
+    Attention key biases shift every logit of a query's softmax alike: their gradient is exactly 0 up to rounding,
+    which Adam normalises into steps of up to lr; they are held to that bound, the query and value biases to the rest's.
+    """
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from gen.checkpoint import latest_checkpoint
+
+    runs = {}
+    for processes in (1, 2):
+        run = tmp_path / f"p{processes}"
+        result = run_job("train.py", [*args, f"train.run_dir={run}"], processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = run
+    loss = {p: [json.loads(x)["loss"] for x in (r / "logs" / "scalars.jsonl").read_text().splitlines()]
+            for p, r in runs.items()}
+    np.testing.assert_allclose(loss[1], loss[2], rtol=1e-5)
+    w1, w2 = (load_file(str(latest_checkpoint(r) / "model.safetensors")) for r in runs.values())
+    for k in w1:
+        a, b = w1[k], w2[k]
+        if k.endswith("attn.qkv.bias"):
+            d = a.shape[0] // 3
+            assert float((a[d:2 * d] - b[d:2 * d]).abs().max()) <= 2 * lr * steps
+            keep = torch.arange(3 * d) // d != 1
+            a, b = a[keep], b[keep]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

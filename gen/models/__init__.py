@@ -7,10 +7,12 @@ from typing import Callable
 
 from torch import nn
 
+from gen.models.addp import ADDPNet
 from gen.models.base import Backbone, BackboneOutput, require_grid
 from gen.models.dit import SIZES, VARIANTS, Transformer
+from gen.models.mage import MaskedTokenTransformer
 
-FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer}
+FAMILIES: dict[str, type[Backbone]] = {cls.KEY: cls for cls in (Transformer, MaskedTokenTransformer, ADDPNet)}
 """Backbone families by their key (the config section model.<key>)."""
 
 MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()

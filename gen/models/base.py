@@ -29,7 +29,8 @@ class Backbone(nn.Module, ABC):
     Config: ClassVar[type]
     """The family's config dataclass (a gen.config.ComponentConfig)."""
     LAYOUTS: ClassVar[tuple[str, ...]]
-    """Latent layouts it takes (latents.LatentSpace.layout): "grid" (C, H, W) or "set" (n, d)."""
+    """Latent layouts it takes (latents.LatentSpace.layout): "grid" (C, H, W), "set" (n, d) or "id_grid" (h, w)
+    token ids."""
     MODELS: ClassVar[dict[str, Callable[..., Backbone]]]
     """Model names it registers -> constructors taking keyword overrides."""
     SIZES_OF: ClassVar[dict[str, str]] = {}

@@ -50,6 +50,9 @@ class Objective(ABC):
     """latents.LatentSpace.kind values it runs on (continuous, binary, tokens)."""
     SAMPLERS: ClassVar[dict]
     """Sampler name -> implementation; the names are what sampler.sampler takes."""
+    BACKBONES: ClassVar[tuple[str, ...] | None] = None
+    """Backbone family keys it trains (their forward takes what it passes); None: every family taking the latent's
+    layout."""
     DRAWS: ClassVar[dict[str, str]] = {"t": "sample", "noise": "sample"}
     """Random inputs of `loss` besides the conditioning's: name -> "sample" (one per sample) or "batch" (one per
     global batch, e.g. a mask ratio); `draw` returns exactly these plus the conditioning's."""

@@ -36,7 +36,7 @@ from gen.cond import Cond, Conditioning, as_cond
 from gen.config import ComponentConfig, check
 from gen.objectives.base import LossOutput, Objective, mean_flat
 from gen.sampling.guidance import network_fn, with_cfg
-from gen.sampling.noise import Generators
+from gen.sampling.noise import Generators, rand
 
 
 def linear_keep(num_timesteps: int) -> Tensor:
@@ -62,11 +62,7 @@ def step_list(num_timesteps: int, num_steps: int) -> list[int]:
 
 def _uniform(shape: Sequence[int], generator: Generators, device) -> Tensor:
     """U(0, 1) of `shape`; with a list of generators, row i from generator i (gen.sampling.noise's layout)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(tuple(shape), generator=generator, device=device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.rand(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return rand(shape, generator, device)
 
 
 class BernoulliChain:

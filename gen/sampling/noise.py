@@ -15,11 +15,20 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 def randn(shape: Sequence[int], generator: Generators = None, device=None, dtype=torch.float32) -> Tensor:
     """N(0, I) of `shape`; with a list of generators, row i comes from generator i."""
+    return _rows(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape: Sequence[int], generator: Generators = None, device=None, dtype=torch.float32) -> Tensor:
+    """U(0, 1) of `shape`; with a list of generators, row i comes from generator i."""
+    return _rows(torch.rand, shape, generator, device, dtype)
+
+
+def _rows(fn, shape: Sequence[int], generator: Generators, device, dtype) -> Tensor:
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return fn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.stack([fn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def sample_generators(seed: int, indices: Sequence[int], device=None) -> list[torch.Generator]:
