@@ -7,10 +7,11 @@ from typing import Callable
 
 from torch import nn
 
+from gen.models.bae import BAEBackbone
 from gen.models.base import Backbone, BackboneOutput, require_grid
 from gen.models.dit import SIZES, VARIANTS, Transformer
 
-FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer}
+FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer, BAEBackbone.KEY: BAEBackbone}
 """Backbone families by their key (the config section model.<key>)."""
 
 MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()

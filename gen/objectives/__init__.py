@@ -1,11 +1,13 @@
 """Training objectives: `OBJECTIVES[key]` is the class (config section objective.<key>); each owns its corruption,
 loss, prior and samplers (gen.objectives.base.Objective)."""
+from gen.objectives.autoencoder import AutoencoderObjective
 from gen.objectives.base import LossOutput, Objective
 from gen.objectives.bernoulli import BernoulliObjective
 from gen.objectives.ddpm import DDPMObjective
 from gen.objectives.flow import FlowObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.KEY: cls for cls in (FlowObjective, DDPMObjective, BernoulliObjective)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.KEY: cls for cls in (FlowObjective, DDPMObjective, BernoulliObjective,
+                                                                      AutoencoderObjective)}
 
 
 def build_objective(cfg, model) -> Objective:
@@ -13,5 +15,5 @@ def build_objective(cfg, model) -> Objective:
     return OBJECTIVES[cfg.objective.name].from_config(cfg, model)
 
 
-__all__ = ["OBJECTIVES", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput", "Objective",
+__all__ = ["OBJECTIVES", "AutoencoderObjective", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput", "Objective",
            "build_objective"]
