@@ -24,7 +24,7 @@ PUBLISHED = (f"LPIPS-VGG needs torchvision's VGG16 weights ({VGG_FILE}, download
              f"objective.autoencoder.lpips_lin=/path/{LIN_FILE}, or switch the term off with "
              f"objective.autoencoder.perceptual_weight=0")
 VGG_CUTS = (4, 9, 16, 23, 30)
-"""End (exclusive) of each slice of torchvision's vgg16().features: after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
+"""Slice ends (exclusive) in torchvision's vgg16().features: after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
 WIDTHS = (64, 128, 256, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)  # lpips ScalingLayer
 SCALE = (0.458, 0.448, 0.450)

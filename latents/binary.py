@@ -39,8 +39,7 @@ class BinaryConfig(ComponentConfig):
     """Binary autoencoder bits (BLD): the network's shape, where its weights are and how bits are drawn."""
 
     weights: Optional[str] = None
-    """Local autoencoder weights: a stage-1 run folder or checkpoint (its EMA autoencoder), a BinaryAutoencoder state
-    dict (.pt/.pth/.safetensors) or a released BLD file (binaryae_ema_<step>.th, keys mapped by latents.bae.from_bld)."""
+    """Autoencoder weights: a stage-1 run or checkpoint folder, a state dict file, or a released binaryae_ema_*.th."""
     bit_channels: int = 64
     """Bit channels C per latent position (released models: 64 or 128)."""
     factor: int = 16

@@ -145,7 +145,8 @@ def test_stage1_resumes_bitwise_and_stage2_reads_its_ema_autoencoder(tmp_path):
     assert "gan_weight" not in logs[0] and 0 <= logs[1]["gan_weight"] <= 1
     ema = load_file(str(straight / "ema.safetensors"))
     stage2 = ["latent.name=binary", "objective.name=bernoulli", "objective.bernoulli.num_timesteps=8",
-              "sampler.sampler=ancestral", "sampler.num_steps=4", "model.name=SiT-S/1", "data.image_size=8", *TINY_BAE, "latent.binary.attn_resolutions=[2]"]
+              "sampler.sampler=ancestral", "sampler.num_steps=4", "model.name=SiT-S/1", "data.image_size=8",
+              *TINY_BAE, "latent.binary.attn_resolutions=[2]"]
     for weights in (tmp_path / "a", straight):
         latent = build_latent(load_config(None, [*stage2, f"latent.binary.weights={weights}"])).load_weights()
         assert all(torch.equal(v, ema[f"ae.{k}"]) for k, v in latent._net.state_dict().items())
