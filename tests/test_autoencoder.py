@@ -1,7 +1,7 @@
 """Stage 1 of binary latents (gen/models/bae.py, gen/objectives/autoencoder.py, gen/lpips.py) and stage 2 naming
 the stage-1 run: the adaptive weight against a hand computation, gradient isolation of the two networks, an overfit
 of a tiny autoencoder, LPIPS loading and identities, bitwise resume of stage 1 through train.py, stage 2 reading the
-run's EMA autoencoder, sample.py refusing a stage-1 run, and stage 2 on 1 vs 2 processes (losses and samples)."""
+run's EMA autoencoder, sample.py refusing a stage-1 run, and stage-2 samples on 1 vs 2 processes."""
 import json
 
 import numpy as np
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import sample as sample_job
 import train as train_job
-from gen.checkpoint import CheckpointError, latest_checkpoint
+from gen.checkpoint import CheckpointError
 from gen.config import ConfigError, load_config
 from gen.lpips import LPIPS, VGG_CUTS, WIDTHS
 from gen.models import build_backbone
@@ -167,33 +167,24 @@ def test_stage1_config_mistakes_are_refused_in_one_line():
             load_config(None, [*STAGE1, *extra])
 
 
-def test_stage2_two_processes_match_one_in_losses_and_samples(tmp_path):
-    """Bernoulli diffusion on binary latents: same losses and weights (to float reduction order) on 1 and 2
-    processes; sample.py on the 1-process run draws the same images on 1 and 2 processes."""
+@pytest.mark.slow  # two sample.py launches, ~40 s on a busy 2-core machine
+def test_stage2_samples_are_the_same_on_one_and_two_processes(tmp_path):
+    """sample.py on a Bernoulli-diffusion run over binary latents draws the same bits, hence images and labels, on 1
+    and 2 processes (training on 1 vs 2 processes: tests/jobs/test_train.py, bernoulli-binary)."""
     weights = save_tiny_bae(tmp_path / "bae.pt", image_size=8)
-    base = ["latent.name=binary", f"latent.binary.weights={weights}", *TINY_BAE, "latent.binary.attn_resolutions=[2]",
-            "objective.name=bernoulli", "objective.bernoulli.num_timesteps=8", "sampler.sampler=ancestral",
-            "sampler.num_steps=4", "model.name=SiT-S/1", "model.dit.depth=2", "model.dit.hidden_size=32",
-            "model.dit.num_heads=2", "data.name=digits", "data.image_size=8", "data.num_workers=0",
-            "cond.num_classes=10", "train.global_batch_size=32", "train.lr=1e-3", "train.ema_decay=0.9",
-            "train.max_steps=3", "log.tracker=none", "log.every_steps=1", "log.preview_every_steps=0"]
-    runs, samples = {}, {}
-    for processes in (1, 2):
-        run = tmp_path / f"p{processes}"
-        result = run_job("train.py", [*base, f"train.run_dir={run}"], processes=processes)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = run
+    train_job.train(load_config(None, [
+        "latent.name=binary", f"latent.binary.weights={weights}", *TINY_BAE,
+        "objective.name=bernoulli", "objective.bernoulli.num_timesteps=8", "sampler.sampler=ancestral",
+        "sampler.num_steps=4", "sampler.cfg_scale=2", "model.name=SiT-S/1", "model.dit.depth=2",
+        "model.dit.hidden_size=32", "model.dit.num_heads=2", "data.name=digits", "data.image_size=8",
+        "data.num_workers=0", "cond.num_classes=10", "train.global_batch_size=16", "train.max_steps=2",
+        "log.tracker=none", "log.preview_every_steps=0", f"train.run_dir={tmp_path / 'run'}"]))
+    samples = {}
     for processes in (1, 2):
         out = tmp_path / f"s{processes}.npz"
-        result = run_job("sample.py", [runs[1], "sample.num_samples=6", "sample.batch_per_process=2",
+        result = run_job("sample.py", [tmp_path / "run", "sample.num_samples=6", "sample.batch_per_process=2",
                                        "sample.grid_num=4", f"sample.out={out}"], processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         samples[processes] = np.load(out)
-    loss = {p: [json.loads(x)["loss"] for x in (r / "logs" / "scalars.jsonl").read_text().splitlines()]
-            for p, r in runs.items()}
-    np.testing.assert_allclose(loss[1], loss[2], rtol=1e-5)
-    w1, w2 = (load_file(str(latest_checkpoint(r) / "model.safetensors")) for r in runs.values())
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
     assert np.array_equal(samples[1]["arr_0"], samples[2]["arr_0"])
     assert np.array_equal(samples[1]["arr_1"], samples[2]["arr_1"])

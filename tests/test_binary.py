@@ -360,4 +360,4 @@ def test_repa_aligns_the_16x16_bit_grid_with_dinov2_b_at_256px(tmp_path):
     loss, terms = trainee(x0, Cond(torch.tensor([0, 1])), 0, draws, pixels=pixels)
     loss.mean().backward()
     assert terms["repa"].shape == (2,) and torch.isfinite(loss).all()
-    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.x_embedder.proj.weight.grad.abs().sum() > 0  # the bit embedding (gates start at 0: adaLN-Zero)
