@@ -15,5 +15,5 @@ def build_objective(cfg, model) -> Objective:
     return OBJECTIVES[cfg.objective.name].from_config(cfg, model)
 
 
-__all__ = ["OBJECTIVES", "AutoencoderObjective", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput", "Objective",
-           "build_objective"]
+__all__ = ["OBJECTIVES", "AutoencoderObjective", "BernoulliObjective", "DDPMObjective", "FlowObjective", "LossOutput",
+           "Objective", "build_objective"]
