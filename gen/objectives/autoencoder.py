@@ -111,6 +111,7 @@ class AutoencoderObjective(Objective):
         self.disc_start_step, self.disc_weight_max = disc_start_step, float(disc_weight_max)
         self.preview_source = preview_source  # () -> the training set and the latent space, for `prior`
         self.lpips = None
+        self._preview: Tensor | None = None  # the images previews reconstruct, built on first use
 
     @classmethod
     def from_config(cls, cfg, model) -> AutoencoderObjective:
@@ -194,13 +195,14 @@ class AutoencoderObjective(Objective):
         """The images previews reconstruct: the first n training images (model space), whatever the generator."""
         if isinstance(generator, (list, tuple)):
             raise ValueError("objective autoencoder (stage 1) has no prior to sample from; sample.py refuses it")
-        dataset, latent = self.preview_source()
-        items = [dataset[i % len(dataset)] for i in range(n)]
-        if "raw" in items[0]:
-            x = latent.to_model(torch.stack([torch.as_tensor(it["raw"]) for it in items]))
-        else:
-            x = latent.encode_raw(torch.stack([torch.as_tensor(it["image"]) for it in items]))
-        return x.to(device)
+        if self._preview is None or len(self._preview) != n:  # the dataset is opened once per run
+            dataset, latent = self.preview_source()
+            items = [dataset[i % len(dataset)] for i in range(n)]
+            if "raw" in items[0]:
+                self._preview = latent.to_model(torch.stack([torch.as_tensor(it["raw"]) for it in items]))
+            else:
+                self._preview = latent.encode_raw(torch.stack([torch.as_tensor(it["image"]) for it in items]))
+        return self._preview.to(device)
 
     def sample_options(self, scfg) -> dict:
         """No options: reconstruction is deterministic."""
