@@ -75,6 +75,9 @@ def run(weights: str, overrides: list[str]) -> Path:
     """Validate everything (config, weights, reference, output folder), then draw under the output's lock."""
     ema_path, cfg_path = resolve_weights(weights)
     cfg = load_config(cfg_path, overrides)
+    if not choose("objective", cfg.objective.name, "objective.name").GENERATIVE:
+        raise CheckpointError(f"{weights} is a stage-1 run of objective {cfg.objective.name!r}: it has nothing to "
+                              f"sample; name it in a stage-2 config (latent.binary.weights={weights}) and sample that")
     modality = choose("latent", cfg.latent.name, "latent.name").modality
     streamed, after = split_sample_metrics(cfg.sample.metrics, modality)
     s = cfg.sample

@@ -190,7 +190,7 @@ class Trainee(nn.Module):
         """loss = denoise + sum_i weight_i(step) * aligner_i (per sample), and the terms for logging."""
         if self.phase == "warmup":
             return self._warmup_forward(x0, cond, step, draws, pixels, target_feats)
-        out = self.objective.loss(self.model, x0, cond, taps=self.taps, **draws.objective)
+        out = self.objective.loss(self.model, x0, cond, taps=self.taps, step=step, **draws.objective)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
         if self.active:
             teacher = self._teacher_feats if self._teacher else None

@@ -39,8 +39,7 @@ class BinaryConfig(ComponentConfig):
     """Binary autoencoder bits (BLD): the network's shape, where its weights are and how bits are drawn."""
 
     weights: Optional[str] = None
-    """Local autoencoder weights: a BinaryAutoencoder state dict (.pt/.pth/.safetensors) or a released BLD file
-    (binaryae_ema_<step>.th, taming-style keys, mapped by latents.bae.from_bld)."""
+    """Autoencoder weights: a stage-1 run or checkpoint folder, a state dict file, or a released binaryae_ema_*.th."""
     bit_channels: int = 64
     """Bit channels C per latent position (released models: 64 or 128)."""
     factor: int = 16
@@ -89,6 +88,27 @@ class BinaryConfig(ComponentConfig):
         check(all(w % self.norm_groups == 0 for w in widths), "latent.binary.norm_groups",
               f"must divide every width {sorted(set(widths))}")
         check(self.bits in BIT_MODES, "latent.binary.bits", f"one of {BIT_MODES}")
+
+
+def stage1_weights(path: str) -> dict[str, Tensor]:
+    """The EMA autoencoder of a stage-1 run folder (its latest checkpoint) or checkpoint folder (model.name=BAE,
+    objective autoencoder): the `ae.*` entries of its ema.safetensors."""
+    from safetensors.torch import load_file
+
+    from gen.checkpoint import CheckpointError, resolve_weights
+    from gen.models.bae import ae_state
+
+    try:
+        ema, _ = resolve_weights(path)
+    except CheckpointError:
+        raise CheckpointError(f"latent.binary.weights={path!r}: this folder holds no checkpoint (ema.safetensors); "
+                              f"train stage 1 into it first (python train.py <stage-1 config> train.run_dir={path}) "
+                              f"or name a checkpoints/step-* folder or a weights file") from None
+    state = ae_state(load_file(str(ema)))
+    if not state:
+        raise CheckpointError(f"latent.binary.weights={path!r}: {ema} holds no autoencoder (no ae.* weights); name "
+                              f"a stage-1 run (model.name=BAE, objective.name=autoencoder)")
+    return state
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -158,10 +178,12 @@ class BinaryLatents(LatentSpace):
         if self.weights is None:
             raise FileNotFoundError(f"the binary latent space needs autoencoder weights and latent.binary.weights is "
                                     f"not set; {_PUBLISHED}")
-        if not os.path.isfile(self.weights):
-            raise FileNotFoundError(f"latent.binary.weights={self.weights!r}: no such file; {_PUBLISHED}")
         what = "binary autoencoder weights, latent.binary.weights"
-        if self.weights.endswith(".safetensors"):
+        if os.path.isdir(self.weights):  # a stage-1 run (its latest checkpoint) or one of its checkpoints
+            state = stage1_weights(self.weights)
+        elif not os.path.isfile(self.weights):
+            raise FileNotFoundError(f"latent.binary.weights={self.weights!r}: no such file or folder; {_PUBLISHED}")
+        elif self.weights.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             state = load_file(self.weights)
@@ -174,7 +196,8 @@ class BinaryLatents(LatentSpace):
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{self.weights} ({what}) does not fit the configured network (latent.binary.*: "
-                             f"bit_channels, factor, nf, res_blocks, ...): {str(err).splitlines()[1:3]}") from None
+                             f"bit_channels, factor, nf, res_blocks, ...; a stage-1 run's are in its config.yaml): "
+                             f"{str(err).splitlines()[1:3]}") from None
         return net.eval().requires_grad_(False)  # always float32 and frozen
 
     # -- encoding / decoding -----------------------------------------------------------------------

@@ -325,3 +325,39 @@ def test_bits_on_cuda_equal_bits_on_cpu(tmp_path):
     assert raw.device.type == "cuda" and torch.equal(raw.cpu(), cpu.encode_raw(images))
     decoded = gpu.decode(gpu.to_model(raw))
     assert decoded.device.type == "cuda" and decoded.dtype == torch.uint8
+
+
+def test_repa_aligns_the_16x16_bit_grid_with_dinov2_b_at_256px(tmp_path):
+    """configs/bld_imagenet256_repa.yaml's geometry: SiT-*/1 on 16x16 bits (f = 16 at 256 px) has 256 tokens, the patch
+    grid of DINOv2-B/14 on the image resized to 224; the REPA loss of a Bernoulli-diffusion step reaches the blocks."""
+    from safetensors.torch import save_file
+
+    from align import REPA, build_encoder
+    from align.encoders import ENCODERS, create_encoder_model
+    from gen.cond import Cond
+    from gen.models import build_model
+    from gen.objectives import BernoulliObjective
+    from gen.step import StepDraws, Trainee
+
+    from helpers import REPO
+
+    cfg = load_config(REPO / "configs" / "bld_imagenet256_repa.yaml", ["data.name=image_folder", "data.path=/x"])
+    assert cfg.latent.binary.arch(cfg.data.image_size).latent_shape[1:] == (16, 16)
+    torch.manual_seed(0)  # a narrow random DINOv2-B stand-in at its published 37 x 37 grid, resampled to 16 x 16
+    stand_in = create_encoder_model(ENCODERS["dinov2-vit-b"], 37, depth=1, embed_dim=24, num_heads=2)
+    save_file({k: v.contiguous() for k, v in stand_in.state_dict().items()}, str(tmp_path / "enc.safetensors"))
+    enc = build_encoder("dinov2-vit-b", tmp_path / "enc.safetensors", 256, (16, 16), depth=1, embed_dim=24,
+                        num_heads=2)
+    model = build_model("SiT-S/1", input_size=16, in_channels=8, depth=2, hidden_size=32, num_heads=2,
+                        num_classes=10)
+    assert model.token_grid == (16, 16) and enc.num_tokens == 256
+    objective = BernoulliObjective(num_timesteps=8, null_class=model.null_class)
+    repa = REPA(32, {"dinov2-vit-b": enc.dim}, 1, projector_dim=16, encoders={"dinov2-vit-b": enc})
+    trainee = Trainee(model, objective, {"repa": repa})
+    x0 = (torch.rand(2, 8, 16, 16) < 0.5).float()
+    pixels = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    draws = StepDraws(objective={}, latent={}, uniform=torch.rand(2))
+    loss, terms = trainee(x0, Cond(torch.tensor([0, 1])), 0, draws, pixels=pixels)
+    loss.mean().backward()
+    assert terms["repa"].shape == (2,) and torch.isfinite(loss).all()
+    assert model.x_embedder.proj.weight.grad.abs().sum() > 0  # the bit embedding (gates start at 0: adaLN-Zero)

@@ -16,10 +16,17 @@ def digits_metric(images, labels, cfg) -> dict:
     return DigitsEvaluator(cfg.data.image_size).evaluate(images, labels)
 
 
+def reconstruction(images, labels, cfg) -> dict:
+    """Reconstruction error of the run's latent space on held-out images (gen.eval.reconstruction), for sample.py."""
+    from gen.eval.reconstruction import reconstruction_metric
+
+    return reconstruction_metric(images, labels, cfg)
+
+
 STREAMED: dict[str, str] = {"image": "gen.eval.metrics"}
 """Modality -> module with the streamed metric registry (METRICS) and its MetricSuite."""
 
-SAMPLE_METRICS: dict[str, dict] = {"image": {"digits": digits_metric}}
+SAMPLE_METRICS: dict[str, dict] = {"image": {"digits": digits_metric, "reconstruction": reconstruction}}
 """Modality -> metrics sample.py computes once all samples are drawn, on the main process:
 fn(decoded samples, labels, cfg) -> dict."""
 

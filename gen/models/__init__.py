@@ -8,11 +8,13 @@ from typing import Callable
 from torch import nn
 
 from gen.models.addp import ADDPNet
+from gen.models.bae import BAEBackbone
 from gen.models.base import Backbone, BackboneOutput, require_grid
 from gen.models.dit import SIZES, VARIANTS, Transformer
 from gen.models.mage import MaskedTokenTransformer
 
-FAMILIES: dict[str, type[Backbone]] = {cls.KEY: cls for cls in (Transformer, MaskedTokenTransformer, ADDPNet)}
+FAMILIES: dict[str, type[Backbone]] = {
+    cls.KEY: cls for cls in (Transformer, MaskedTokenTransformer, ADDPNet, BAEBackbone)}
 """Backbone families by their key (the config section model.<key>)."""
 
 MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()

@@ -56,6 +56,11 @@ class Objective(ABC):
     DRAWS: ClassVar[dict[str, str]] = {"t": "sample", "noise": "sample"}
     """Random inputs of `loss` besides the conditioning's: name -> "sample" (one per sample) or "batch" (one per
     global batch, e.g. a mask ratio); `draw` returns exactly these plus the conditioning's."""
+    USES_STEP: ClassVar[bool] = False
+    """Whether `compute_loss` takes the optimizer step (`step=`, e.g. a loss term switched on at a step); the trainer
+    passes it to `loss`, which forwards it only to objectives declaring this."""
+    GENERATIVE: ClassVar[bool] = True
+    """False for an objective with nothing to sample (a stage-1 autoencoder): sample.py refuses its runs."""
 
     def __init__(self, cond: Conditioning):
         self.cond = cond
@@ -99,15 +104,18 @@ class Objective(ABC):
         n = len(generator) if isinstance(generator, (list, tuple)) else n
         return randn((n, *sample_shape), generator, device=device)
 
-    def loss(self, model: nn.Module, x0: Tensor, cond, *, taps=(), **draws) -> LossOutput:
+    def loss(self, model: nn.Module, x0: Tensor, cond, *, taps=(), step: int | None = None, **draws) -> LossOutput:
         """Per-sample loss of `model` on clean x0 under `cond`; missing draws come from torch's global generator,
-        the dropout mask `drop` nulls conditions (none given: drawn, dropped with probability cond.dropout)."""
+        the dropout mask `drop` nulls conditions (none given: drawn, dropped with probability cond.dropout);
+        `step` (the optimizer step) reaches `compute_loss` where USES_STEP says so."""
         cond = as_cond(cond)
         missing = [k for k in self.draw_kinds() if draws.get(k) is None]
         if missing:
             fresh = self.draw(x0.shape[0], x0.shape[1:], device=x0.device)
             draws = {**draws, **{k: fresh[k] for k in missing}}
         cond = self.cond.drop(cond, draws.pop("drop"))
+        if self.USES_STEP:
+            draws["step"] = step
         return self.compute_loss(model, x0, cond, taps=tuple(taps), **draws)
 
     @abstractmethod

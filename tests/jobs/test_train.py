@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, make_image_folder, run_job
-from latent_helpers import save_tiny_vae
+from latent_helpers import TINY_BAE, save_tiny_bae, save_tiny_vae
 from safetensors.torch import load_file
 
 import gen.checkpoint
@@ -110,15 +110,24 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 SRA = ["align.methods=[sra]", "align.sra.student_layer=1", "align.sra.teacher_layer=2"]
 
 
-@pytest.mark.parametrize("align", [[], [*SRA, "align.sra.stop_step=2"]], ids=["plain", "sra-stopped-at-2"])
-def test_two_processes_match_one(tmp_path, align):
+BITS = ["latent.name=binary", *TINY_BAE, "objective.name=bernoulli",
+        "objective.bernoulli.num_timesteps=8", "sampler.sampler=ancestral", "sampler.num_steps=4", "model.name=SiT-S/1"]
+"""Bernoulli diffusion on the bits of a tiny binary autoencoder (latent.binary.weights added by the test)."""
+
+
+@pytest.mark.parametrize("extra", [[], [*SRA, "align.sra.stop_step=2"], BITS],
+                         ids=["plain", "sra-stopped-at-2", "bernoulli-binary"])
+def test_two_processes_match_one(tmp_path, extra):
     """Same global batch on 1 and 2 processes: same losses and weights up to float reduction order (SRA included:
-    its teacher-time offsets come from the trainer's global draws; switching it off at step 2 re-wraps DDP)."""
+    its teacher-time offsets come from the trainer's global draws; switching it off at step 2 re-wraps DDP; binary
+    latents: the Bernoulli draws are the trainer's too)."""
+    if extra == BITS:
+        extra = [*BITS, f"latent.binary.weights={save_tiny_bae(tmp_path / 'bae.pt', image_size=8)}"]
     runs = {}
     for processes in (1, 2):
         run = tmp_path / f"p{processes}"
         args = ["configs/quickstart.yaml", *TINY, f"train.run_dir={run}", "train.max_steps=3", "model.dit.depth=2",
-                *align]
+                *extra]
         result = run_job("train.py", args, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"{processes} process(es)" in result.stdout + result.stderr
