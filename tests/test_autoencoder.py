@@ -162,7 +162,8 @@ def test_stage1_config_mistakes_are_refused_in_one_line():
     for extra, key in ((["model.bae.disc_layers=0"], "model.bae.disc_layers"),
                        (["objective.autoencoder.disc_start_step=null"], "model.bae.disc_layers"),
                        (["train.divergence_factor=100"], "train.divergence_factor"),
-                       (["model.name=SiT-S/2"], "model.name")):
+                       (["model.name=SiT-S/2"], "model.name"),
+                       (["objective.name=flow", "sampler.sampler=euler"], "objective.name")):
         with pytest.raises(ConfigError, match=key):
             load_config(None, [*STAGE1, *extra])
 

@@ -35,7 +35,11 @@ class BAEConfig(ComponentConfig):
     """Width of the discriminator's first conv (reference ndf 64)."""
 
     def validate(self, cfg) -> None:
-        """Layers and width are sensible, and the patch map of the last conv is not empty at data.image_size."""
+        """Only objective autoencoder trains it; layers and width are sensible, and the patch map of the last conv is
+        not empty at data.image_size."""
+        check(cfg.objective.name == "autoencoder", "objective.name",
+              f"model.name={cfg.model.name} is the stage-1 binary autoencoder, trained by objective.name=autoencoder, "
+              f"not {cfg.objective.name!r}; a stage-2 prior is a DiT/SiT (e.g. model.name=SiT-S/1)")
         check(self.disc_layers >= 0, "model.bae.disc_layers", "must be >= 0")
         check(self.disc_ndf > 0, "model.bae.disc_ndf", "must be positive")
         side = patch_side(cfg.data.image_size, self.disc_layers)

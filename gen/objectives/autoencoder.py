@@ -64,12 +64,8 @@ class AutoencoderConfig(ComponentConfig):
     def validate(self, cfg) -> None:
         """Pixel latents, the bae backbone (with a discriminator when the GAN is on), no aligners, no FID tracking,
         no divergence guard with the signed GAN terms, and LPIPS files when its weight is positive."""
-        from gen.models import family_of
-
         check(cfg.latent.name == "pixel", "latent.name",
               f"objective autoencoder (stage 1) trains on pixel images, not on {cfg.latent.name!r}")
-        check(family_of(cfg.model.name).KEY == "bae", "model.name",
-              f"objective autoencoder trains the binary autoencoder: model.name=BAE, not {cfg.model.name!r}")
         check(self.perceptual_weight >= 0, "objective.autoencoder.perceptual_weight", "must be >= 0")
         check(self.disc_weight_max >= 0, "objective.autoencoder.disc_weight_max", "must be >= 0")
         gan = self.disc_start_step is not None
@@ -96,6 +92,7 @@ class AutoencoderObjective(Objective):
     """Stage 1: the binary autoencoder's reconstruction + perceptual + adversarial loss (see the module docstring)."""
 
     KEY = "autoencoder"
+    BACKBONES = ("bae",)
     Config = AutoencoderConfig
     LATENT_KINDS = ("continuous",)
     SAMPLERS = {"reconstruct": "deterministic reconstruction (thresholded bits) of the first training images"}
