@@ -9,8 +9,9 @@ from torch import nn
 
 from gen.models.base import Backbone, BackboneOutput, require_grid
 from gen.models.dit import SIZES, VARIANTS, Transformer
+from gen.models.set_transformer import SetTransformer
 
-FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer}
+FAMILIES: dict[str, type[Backbone]] = {Transformer.KEY: Transformer, SetTransformer.KEY: SetTransformer}
 """Backbone families by their key (the config section model.<key>)."""
 
 MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()
@@ -49,5 +50,5 @@ def build_backbone(cfg, sample_shape: tuple[int, ...]) -> Backbone:
     return family_of(cfg.model.name).from_config(cfg, tuple(sample_shape))
 
 
-__all__ = ["FAMILIES", "MODELS", "SIZES", "VARIANTS", "Backbone", "BackboneOutput", "Transformer", "build_backbone",
-           "build_model", "family_of", "model_size", "require_grid"]
+__all__ = ["FAMILIES", "MODELS", "SIZES", "VARIANTS", "Backbone", "BackboneOutput", "SetTransformer", "Transformer",
+           "build_backbone", "build_model", "family_of", "model_size", "require_grid"]
