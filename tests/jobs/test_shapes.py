@@ -67,7 +67,8 @@ def test_cache_holds_the_procedural_tokens_and_the_fitted_normaliser(shapes):
     expected = build_latent(cfg).fit(raw[:4]).fit(raw[4:8]).fit(raw[8:]).state_dict()["normaliser"]
     stored = torch.load(shapes / "cache" / LATENT_STATE, weights_only=True)["normaliser"]
     assert torch.equal(stored["mean"], expected["mean"]) and torch.equal(stored["std"], expected["std"])
-    assert cache.latent_state == stored or cache.latent_state["normaliser"]["count"] == ITEMS * 16
+    assert torch.equal(cache.latent_state["normaliser"]["mean"], stored["mean"])
+    assert stored["count"] == ITEMS * 16  # every row of every shape
 
 
 def test_a_stopped_conversion_resumes_without_redoing_finished_shards(tmp_path, monkeypatch, fresh_accelerate):
