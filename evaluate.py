@@ -1,4 +1,6 @@
-r"""Score samples against a reference across processes: FID, sFID, IS, precision/recall (the ADM suite), FD-DINOv2.
+r"""Score samples against a reference across processes: FID, sFID, IS, precision/recall (the ADM suite), FD-DINOv2;
+for 3D shapes (eval.metrics=[cd,emd]) COV / MMD / 1-NNA of a folder of meshes or an .npz of point clouds against
+eval.reference (gen.eval.shapes).
 
     # paper-comparable FID-50K etc. (ADM protocol) of sample.py's .npz on 8 GPUs
     accelerate launch --multi_gpu --num_processes 8 evaluate.py runs/sit-xl2/samples/NAME.npz \
@@ -30,6 +32,8 @@ from gen.errors import DEBUG_HELP, one_line_errors
 from gen.eval.accumulate import feed
 from gen.eval.metrics import METRICS, MetricSuite
 from gen.eval.reference import make_reference, open_images, write_stats
+from gen.eval.shapes import SHAPE_METRICS, evaluate_shapes
+from gen.eval.shapes import protocol as shape_protocol
 from gen.io import atomic_write_text, check_writable
 
 
@@ -90,6 +94,16 @@ def run(args) -> Path:
         check_writable(Path(args.save_stats).parent, "--save-stats")
 
     accelerator = Accelerator()
+    if all(m in SHAPE_METRICS for m in e.metrics):  # 3D shapes: a folder of meshes or an .npz of point clouds
+        scores = evaluate_shapes(images, e, accelerator.device)
+        if accelerator.is_main_process:
+            record = {"samples": str(images), "sampling": sampling_record(images),
+                      "processes": accelerator.num_processes, **shape_protocol(e)}
+            write_json(out, {"metrics": scores, "protocol": record})
+            print(json.dumps(scores, indent=1))
+            print(f"wrote {out}")
+        accelerator.wait_for_everyone()
+        return out
     suite = MetricSuite(e.metrics, e, accelerator.device)  # loads the networks: a missing file fails here
     if args.make_reference:
         stats = sorted({f for m in e.metrics for f in METRICS[m].stats})

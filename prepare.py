@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from gen.config import ConfigError, load_config
-from gen.data import META, DataError, build_dataset, dataset_channels, features_file, labels_file, shard_file
+from gen.data import (LATENT_STATE, META, DataError, build_dataset, dataset_channels, features_file, labels_file,
+                      shard_file)
 from gen.errors import DEBUG_HELP, one_line_errors
 from gen.io import atomic_write, atomic_write_text, check_writable, to_rgb
 from gen.models import build_backbone, require_grid
@@ -160,9 +161,14 @@ def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_
     # Filled batch by batch: a shard's float32 features would take twice the memory (DINOv2-B: 0.8 MB per image).
     feats = {name: np.empty((len(indices), enc.num_tokens, enc.dim), np.float16) for name, enc in encoders.items()}
     for batch in loader:
+        labels.append(batch["label"].numpy().astype(np.int64))
+        if "raw" in batch:  # datasets that encode their items (3D shapes, gen.shape_data)
+            raws.append(batch["raw"].to(latent.raw_dtype).numpy())
+            done += len(batch["raw"])
+            bar.update(len(batch["raw"]))
+            continue
         images = batch["image"].to(device)
         raws.append(latent.encode_raw(images).to(latent.raw_dtype).cpu().numpy())
-        labels.append(batch["label"].numpy().astype(np.int64))
         pixels = to_rgb(images)  # grayscale as RGB, as train.py
         for name, encoder in encoders.items():
             feats[name][done:done + len(images)] = _float16(encoder(pixels).float().cpu().numpy(), name, k)
@@ -182,7 +188,8 @@ def prepare(args) -> None:
     """Validate (config, data, weights, output folder), then encode the missing shards."""
     cfg = load_config(args.config, args.overrides)
     if cfg.data.name == "latent_cache":
-        raise ConfigError("config key 'data.name': prepare.py reads images (digits, image_folder or hf), not a cache")
+        raise ConfigError("config key 'data.name': prepare.py reads images (digits, image_folder or hf) or shapes "
+                          "(procedural_shapes, mesh_folder), not a cache")
     for option, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
         if value <= 0:
             raise ConfigError(f"{option} is {value}; allowed: >= 1")
@@ -234,6 +241,10 @@ def prepare(args) -> None:
                    if not _complete(out, k, size(k), latent.raw_shape, feature_shapes, raw_dtype)]
         if missing:
             raise DataError(f"shards {missing[:5]} of {out} are missing after encoding; re-run prepare.py")
+        if latent.fitted:  # statistics over every shard, in shard order: the same however the shards were made
+            for k in range(meta["num_shards"]):
+                latent.fit(torch.from_numpy(np.load(out / shard_file(k))))
+            atomic_write(out / LATENT_STATE, lambda tmp: torch.save(latent.state_dict(), tmp))
         _write_json(out / META, meta)
         (out / IN_PROGRESS).unlink()
         accelerator.print(f"wrote {out}: {meta['count']} items of raw shape {tuple(meta['raw_shape'])}"

@@ -184,6 +184,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
 
     latent = build_latent(cfg)
     dataset = build_dataset(cfg, split="train")
+    if isinstance(dataset, LatentCacheDataset) and dataset.latent_state:
+        latent.load_state_dict(dataset.latent_state)  # statistics prepare.py fitted (a checkpoint's win on resume)
     if cfg.log.preview_every_steps or not isinstance(dataset, LatentCacheDataset):
         latent.load_weights(device)  # a missing VAE fails here, before anything is written
     torch.manual_seed(t.seed)  # identical initialisation on every process

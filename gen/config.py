@@ -82,13 +82,16 @@ class DataConfig:
     """The training data."""
 
     name: str = "latent_cache"
-    """Dataset registry key: digits (embedded, offline), image_folder, hf (Hugging Face datasets, offline) or
-    latent_cache (from prepare.py)."""
+    """Dataset registry key: digits (embedded, offline), image_folder, hf (Hugging Face datasets, offline),
+    latent_cache (from prepare.py), or for 3D shapes procedural_shapes (embedded) and mesh_folder (gen.shape_data)."""
     path: Optional[str] = None
     """Folder of class sub-folders (image_folder), the cache folder written by prepare.py (latent_cache), or for hf a
     save_to_disk folder, a .parquet/.arrow file or folder of them, or a dataset name in the local HF cache."""
     split: str = "train"
-    """hf: the split to read (a DatasetDict folder, split-named data files, a cached dataset); one file is 'train'."""
+    """hf: the split to read (a DatasetDict folder, split-named data files, a cached dataset); one file is 'train'.
+    procedural_shapes: train or heldout."""
+    num_items: Optional[int] = None
+    """procedural_shapes: how many shapes the split holds."""
     image_column: str = "image"
     """hf: column of the images (datasets Image feature, {bytes, path} dicts or uint8 HxW(xC) arrays)."""
     label_column: Optional[str] = "label"
@@ -226,7 +229,7 @@ class EvalConfig:
     """FID-family evaluation: evaluate.py, the metrics sample.py streams into, training-time tracking (gen.eval)."""
 
     metrics: List[str] = field(default_factory=lambda: ["fid", "sfid", "is", "pr"])
-    """Metrics: fid, sfid, is, pr (the ADM suite) and fd_dinov2."""
+    """Metrics: fid, sfid, is, pr (the ADM suite) and fd_dinov2; for 3D shapes cd and/or emd (COV, MMD, 1-NNA)."""
     reference: Optional[str] = None
     """Reference: an ADM-layout .npz (VIRTUAL_imagenet256_labeled.npz, or evaluate.py --make-reference) or a folder."""
     inception_weights: Optional[str] = None
@@ -253,6 +256,10 @@ class EvalConfig:
     """Images per feature-network forward on each process."""
     cache_dir: Optional[str] = None
     """Cache of reference features computed from images; null: $XDG_CACHE_HOME/repgen/eval (~/.cache/repgen/eval)."""
+    shape_points: int = 2048
+    """3D shapes (eval.metrics cd, emd): points per shape, farthest-point sampled from each mesh's surface."""
+    emd_points: int = 256
+    """3D shapes: EMD is the exact matching on the first emd_points of each cloud's farthest-point order."""
 
 
 @dataclass

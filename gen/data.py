@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 
 from gen.config import ConfigError
 from gen.hf_data import HFDataset
+from gen.io import load_state
+from gen.shape_data import MeshFolderDataset, ProceduralShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes an image folder is scanned for (case-insensitive; torchvision's list)."""
@@ -29,6 +31,9 @@ _RGB_CONVERTIBLE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "P
 
 META = "meta.json"
 """The file prepare.py writes last; a cache without it is incomplete."""
+
+LATENT_STATE = "latent_state.pt"
+"""A cache's fitted latent statistics (latents.LatentSpace.fitted: e.g. Mosaic-SDF's column normaliser)."""
 
 
 class DataError(ValueError):
@@ -288,6 +293,8 @@ class LatentCacheDataset(Dataset):
             for name, f in features.items():
                 self._check(features_file(name, k), (n, *f["shape"]), np.dtype(f["dtype"]), feature_fix)
         self.labels = torch.from_numpy(np.concatenate(labels)) if labels else torch.zeros(0, dtype=torch.int64)
+        state = self.path / LATENT_STATE  # only caches of fitted latent spaces have one
+        self.latent_state = load_state(state, "the latent statistics prepare.py fitted") if state.is_file() else {}
         self._shards: dict[str, np.ndarray] = {}  # memory maps by file name
 
     def _check(self, name: str, shape: tuple, dtype, fix: str) -> np.ndarray:
@@ -349,7 +356,7 @@ class LatentCacheDataset(Dataset):
 
 
 DATASETS = {"digits": DigitsDataset, "image_folder": ImageFolderDataset, "latent_cache": LatentCacheDataset,
-            "hf": HFDataset}
+            "hf": HFDataset, "procedural_shapes": ProceduralShapesDataset, "mesh_folder": MeshFolderDataset}
 """Datasets by the name `data.name` takes."""
 
 

@@ -83,6 +83,7 @@ def _validate_data(cfg: Config) -> None:
     d = cfg.data
     in_range("data.image_size", d.image_size, 1)
     in_range("data.num_workers", d.num_workers, 0)
+    in_range("data.num_items", d.num_items, 1, nullable=True)
     check(not (d.hflip and d.name == "latent_cache"), "data.hflip",
           "a latent cache holds the unflipped images' latents (and encoder features); flip with data.name=image_folder")
 
@@ -137,8 +138,14 @@ def _validate_eval(e: EvalConfig) -> None:
     metrics = importlib.import_module("gen.eval.metrics")
     scores = importlib.import_module("gen.eval.scores")
     dinov2 = importlib.import_module("gen.eval.dinov2")
-    unknown = [m for m in e.metrics if m not in metrics.METRICS]
-    check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(metrics.METRICS)}")
+    shapes = importlib.import_module("gen.eval.shapes").SHAPE_METRICS
+    unknown = [m for m in e.metrics if m not in metrics.METRICS and m not in shapes]
+    check(not unknown, "eval.metrics", f"unknown {unknown}; any of {sorted(metrics.METRICS)} (images) or "
+                                       f"{list(shapes)} (3D shapes)")
+    check(all(m in shapes for m in e.metrics) or not any(m in shapes for m in e.metrics), "eval.metrics",
+          f"{list(e.metrics)} mixes image and 3D shape metrics; evaluate one kind of samples at a time")
+    in_range("eval.shape_points", e.shape_points, 1)
+    in_range("eval.emd_points", e.emd_points, 1, e.shape_points, why="a subset of eval.shape_points")
     check(e.pr_mode in scores.PR_MODES, "eval.pr_mode", f"one of {', '.join(scores.PR_MODES)}")
     check(e.dinov2_arch in dinov2.DINOV2_ARCHS, "eval.dinov2_arch", f"one of {sorted(dinov2.DINOV2_ARCHS)}")
     in_range("eval.pr_k", e.pr_k, 1)

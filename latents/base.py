@@ -54,6 +54,9 @@ class LatentSpace(ABC):
     """What decoded samples are (image, shape): picks the metric suite and the sample file format."""
     raw_dtype: ClassVar[torch.dtype] = torch.float32
     """dtype of encode_raw's output, i.e. of a cache's shards (float32 moments, uint8 bits, int64 token ids)."""
+    fitted: ClassVar[bool] = False
+    """Whether `to_model` uses statistics fitted to the training data (`fit`): prepare.py then fits them over the
+    whole cache and stores `state_dict()` with it (gen.data.LATENT_STATE), train.py loads them from there."""
     DRAWS: ClassVar[dict[str, str]] = {}
     """Random inputs of `to_model` (e.g. posterior noise): name -> "sample" or "batch", drawn by `draw`."""
     shape: tuple[int, ...] = ()
@@ -74,6 +77,10 @@ class LatentSpace(ABC):
     def to_model(self, raw: Tensor, generator: torch.Generator | None = None, **draws: Tensor) -> Tensor:
         """Raw encodings (N, *raw_shape) -> model inputs (N, *shape), with the given `draws` (as `draw` makes them)
         or randomness from `generator`."""
+
+    def fit(self, raw: Tensor) -> LatentSpace:
+        """Add raw encodings (N, *raw_shape) to the fitted statistics (spaces with `fitted`; called once per shard)."""
+        return self
 
     def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
         """The random inputs of `to_model` for n samples (the trainer draws them with the step's other draws)."""

@@ -26,7 +26,14 @@ def reconstruction(images, labels, cfg) -> dict:
 STREAMED: dict[str, str] = {"image": "gen.eval.metrics"}
 """Modality -> module with the streamed metric registry (METRICS) and its MetricSuite."""
 
-SAMPLE_METRICS: dict[str, dict] = {"image": {"digits": digits_metric, "reconstruction": reconstruction}}
+def _shape_metrics() -> dict:
+    from gen.eval.shapes import SHAPE_METRICS, sample_metric
+
+    return {name: sample_metric(name) for name in SHAPE_METRICS}
+
+
+SAMPLE_METRICS: dict[str, dict] = {"image": {"digits": digits_metric, "reconstruction": reconstruction},
+                                   "shape": _shape_metrics()}
 """Modality -> metrics sample.py computes once all samples are drawn, on the main process:
 fn(decoded samples, labels, cfg) -> dict."""
 

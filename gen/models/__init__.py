@@ -12,9 +12,10 @@ from gen.models.bae import BAEBackbone
 from gen.models.base import Backbone, BackboneOutput, require_grid
 from gen.models.dit import SIZES, VARIANTS, Transformer
 from gen.models.mage import MaskedTokenTransformer
+from gen.models.set_transformer import SetTransformer
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.KEY: cls for cls in (Transformer, MaskedTokenTransformer, ADDPNet, BAEBackbone)}
+    cls.KEY: cls for cls in (Transformer, MaskedTokenTransformer, ADDPNet, BAEBackbone, SetTransformer)}
 """Backbone families by their key (the config section model.<key>)."""
 
 MODELS: dict[str, Callable[..., nn.Module]] = {name: build for family in FAMILIES.values()
@@ -53,5 +54,5 @@ def build_backbone(cfg, sample_shape: tuple[int, ...]) -> Backbone:
     return family_of(cfg.model.name).from_config(cfg, tuple(sample_shape))
 
 
-__all__ = ["FAMILIES", "MODELS", "SIZES", "VARIANTS", "Backbone", "BackboneOutput", "Transformer", "build_backbone",
-           "build_model", "family_of", "model_size", "require_grid"]
+__all__ = ["FAMILIES", "MODELS", "SIZES", "VARIANTS", "Backbone", "BackboneOutput", "SetTransformer", "Transformer",
+           "build_backbone", "build_model", "family_of", "model_size", "require_grid"]

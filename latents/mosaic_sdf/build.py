@@ -22,13 +22,20 @@ SDF = Callable[[Tensor], Tensor]
 """A signed distance function, negative inside: points (P, 3) -> (P,)."""
 
 
-def normalise_mesh(mesh, margin: float = 0.9):
-    """A copy of the mesh with its bounding box centred at the origin and its largest half extent `margin`.
-    Refuses an empty mesh or a mesh that is not watertight (its SDF sign would be meaningless)."""
+def check_mesh(mesh, allow_open: bool = False) -> None:
+    """Refuse an empty mesh, and unless `allow_open` a mesh that is not watertight (its inside is undefined; with
+    `allow_open` the generalised winding number of the mesh SDF decides it, which degrades gracefully with holes)."""
     if mesh.vertices.shape[0] == 0 or mesh.faces.shape[0] == 0:
-        raise ValueError("cannot convert an empty mesh to a Mosaic-SDF")
-    if not mesh.is_watertight:
-        raise ValueError("cannot convert a mesh that is not watertight to a Mosaic-SDF (the inside is undefined)")
+        raise ValueError("the mesh is empty (no faces); remove the file")
+    if not allow_open and not mesh.is_watertight:
+        raise ValueError("the mesh is not watertight, so its inside is undefined; repair it (e.g. ManifoldPlus, or "
+                         "point-cloud-utils make_mesh_watertight) or set latent.mosaic_sdf.open_meshes=winding")
+
+
+def normalise_mesh(mesh, margin: float = 0.9, allow_open: bool = False):
+    """A copy of the mesh with its bounding box centred at the origin and its largest half extent `margin`.
+    Refuses an empty mesh, and unless `allow_open` a mesh that is not watertight (check_mesh)."""
+    check_mesh(mesh, allow_open)
     lo, hi = mesh.bounds
     half = float((hi - lo).max()) / 2.0
     if half <= 0:
@@ -36,7 +43,7 @@ def normalise_mesh(mesh, margin: float = 0.9):
     out = mesh.copy()
     out.apply_translation(-(lo + hi) / 2.0)
     out.apply_scale(margin / half)
-    if out.volume < 0:  # inward-wound input: make the faces outward so the winding-number sign is right
+    if mesh.is_watertight and out.volume < 0:  # inward-wound: make the faces outward (the winding-number sign)
         out.invert()
     return out
 
@@ -88,12 +95,12 @@ def from_sdf(sdf: SDF, surface: Tensor, n: int, k: int, alpha: float = 1.5) -> M
 
 
 def from_mesh(mesh, n: int, k: int, alpha: float = 1.5, margin: float = 0.9, samples: int = 20000,
-              seed: int = 0, device=None) -> MosaicSDF:
+              seed: int = 0, device=None, allow_open: bool = False) -> MosaicSDF:
     """Mesh -> its initial Mosaic-SDF in the normalised box (normalise_mesh), with the pure-torch mesh SDF.
     `samples` surface points (drawn with `seed`) give the centres and the scale."""
     from latents.mosaic_sdf.mesh_sdf import MeshSDF
 
-    mesh = normalise_mesh(mesh, margin)
+    mesh = normalise_mesh(mesh, margin, allow_open)
     surface, _ = surface_samples(mesh, samples, seed)
     return from_sdf(MeshSDF(mesh, device=device), surface.to(device), n, k, alpha)
 

@@ -54,3 +54,38 @@ class ProceduralShapes:
         label = i % len(self.classes)
         rng = np.random.default_rng([self.seed, i])
         return make_shape(self.classes[label], rng), label
+
+
+def write_folder(out, size: int, seed: int = 0, classes: tuple[str, ...] = CLASSES, file_type: str = "obj") -> list:
+    """Write a ProceduralShapes set as a mesh folder (out/<class>/<index>.<file_type>, the layout data.name=mesh_folder
+    and evaluate.py read); returns the paths. Files are written atomically, existing ones are kept."""
+    from pathlib import Path
+
+    from gen.io import atomic_write
+
+    shapes, paths = ProceduralShapes(size, seed, classes), []
+    for i in range(size):
+        mesh, label = shapes[i]
+        path = Path(out) / shapes.classes[label] / f"{i:06d}.{file_type}"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp, m=mesh: m.export(str(tmp), file_type=file_type))
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> None:
+    """python -m latents.mosaic_sdf.procedural OUT --num-items N --seed S: write procedural shapes as a mesh folder
+    (e.g. a held-out reference set for evaluate.py; seed 1 is data.split=heldout's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", help="output folder (class sub-folders of .obj files)")
+    parser.add_argument("--num-items", type=int, required=True, help="number of shapes")
+    parser.add_argument("--seed", type=int, default=1, help="0 is data.split=train's shapes, 1 heldout's")
+    args = parser.parse_args(argv)
+    print(f"wrote {len(write_folder(args.out, args.num_items, args.seed))} meshes under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -146,7 +146,7 @@ def test_image_folder_validation(tmp_path):
         build_dataset(Config(data=DataConfig(name="image_folder")))
     with pytest.raises(ConfigError, match="data.name"):
         build_dataset(Config(data=DataConfig(name="cifar")))
-    assert set(DATASETS) == {"digits", "image_folder", "latent_cache", "hf"}
+    assert set(DATASETS) == {"digits", "image_folder", "latent_cache", "hf", "procedural_shapes", "mesh_folder"}
 
 
 # -------------------------------------------------------------------------------------- latent cache

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gen.layers import sincos_2d, unpatchify
-from gen.models import MODELS, SIZES, build_model
+from gen.models import SIZES, Transformer, build_model
 from helpers import randomize
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=16, num_classes=10)
@@ -30,7 +30,7 @@ def test_dit_xl2_has_the_published_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 675_129_632
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(Transformer.MODELS))
 def test_full_size_counts_match_the_formula(name):
     size, p = name.split("-")[1].split("/")
     with torch.device("meta"):
@@ -46,7 +46,7 @@ def test_sizes_match_the_dit_table(size, millions):
     assert round(sum(q.numel() for q in model.parameters()) / 1e6, 1) == millions
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(Transformer.MODELS))
 def test_every_entry_builds_tiny_and_trains(name):
     torch.manual_seed(0)
     model = randomize(build_model(name, **TINY))

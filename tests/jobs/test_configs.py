@@ -39,7 +39,7 @@ def test_every_config_builds_tiny_and_steps(path: Path):
     objective = build_objective(cfg, model).load_weights()
     assert cfg.sampler.sampler in objective.SAMPLERS
     ema = EMA(model, cfg.train.ema_decay)
-    tokens = model.token_grid[0] * model.token_grid[1] if model.token_grid else 0  # BAE (stage 1): no tokens
+    tokens = model.token_grid[0] * model.token_grid[1] if model.token_grid else latent.shape[0]  # sets: rows (BAE: no aligners)
     cached = {name: (tokens, spec.dim) for name, spec in ENCODERS.items()}  # every target as if prepare.py cached it
     trainee = Trainee(model, objective, build_aligners(cfg, model, objective, cached_targets=cached),
                       teacher=ema.model)
