@@ -178,8 +178,9 @@ def write_samples(cfg: Config, latent, out: Path, tmp_dir: Path, world: int, lab
     latent.save_samples(out, full, labels)
     grid = save_grid(latent.render(latent.from_storage(full[:cfg.sample.grid_num])), out.with_suffix(".png"))
     record = {"npz": str(out), "grid": str(grid)}
+    decoded = latent.from_storage(full) if after else None  # once for all metrics (meshes: marching cubes each)
     for name in after:
-        record[name] = SAMPLE_METRICS[latent.modality][name](latent.from_storage(full), torch.from_numpy(labels), cfg)
+        record[name] = SAMPLE_METRICS[latent.modality][name](decoded, torch.from_numpy(labels), cfg)
     print(f"wrote {out} ({len(full)} samples), grid {grid}")
     return record
 

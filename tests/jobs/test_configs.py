@@ -15,7 +15,8 @@ from gen.step import StepDraws, Trainee, build_aligners
 from latents import build_latent
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SHRINK = ["model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+SHRINK = ["model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2", "model.set_transformer.depth=2",
+          "model.set_transformer.hidden_size=32", "model.set_transformer.num_heads=2",
           "objective.addp.predictor=oracle"]  # ADDP's frozen predictor: the test double instead of a weights file
 # Aligner layers that fit the 2 shrunk blocks, per method a config trains with.
 SHRINK_ALIGN = {"repa": ["align.repa.depth=1"], "sra": ["align.sra.student_layer=1", "align.sra.teacher_layer=2"],
@@ -39,7 +40,7 @@ def test_every_config_builds_tiny_and_steps(path: Path):
     objective = build_objective(cfg, model).load_weights()
     assert cfg.sampler.sampler in objective.SAMPLERS
     ema = EMA(model, cfg.train.ema_decay)
-    tokens = model.token_grid[0] * model.token_grid[1] if model.token_grid else latent.shape[0]  # sets: rows (BAE: no aligners)
+    tokens = model.token_grid[0] * model.token_grid[1] if model.token_grid else latent.shape[0]  # token sets: rows
     cached = {name: (tokens, spec.dim) for name, spec in ENCODERS.items()}  # every target as if prepare.py cached it
     trainee = Trainee(model, objective, build_aligners(cfg, model, objective, cached_targets=cached),
                       teacher=ema.model)

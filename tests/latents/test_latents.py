@@ -122,7 +122,7 @@ def config(data_name="latent_cache", image_size=256, latent="sd-vae", **sd_vae):
 
 
 def test_build_latent_from_config():
-    assert set(LATENTS) == {"pixel", "sd-vae", "binary", "mosaic-sdf"}
+    assert set(LATENTS) == {"pixel", "sd-vae", "binary", "mosaic-sdf", "vq"}
     digits = build_latent(config("digits", 16, "pixel"))
     assert isinstance(digits, PixelSpace) and digits.shape == (1, 16, 16)
     folder = build_latent(config("image_folder", 32, "pixel"))
