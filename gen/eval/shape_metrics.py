@@ -9,7 +9,9 @@ latent.mosaic_sdf.margin, 0.9 by default), so reference meshes must be normalise
   means, no factor 1/2).
 - EMD: mean_x |x - pi(x)| (L2, not squared) over the optimal one-to-one matching pi of two clouds of equal size
   (scipy's linear_sum_assignment, exact).
-All pairwise distances run in batches with torch on the clouds' device; the assignment runs on the CPU.
+Pairwise distances run in batches with torch on the clouds' device, except pairwise Chamfer on the CPU, which
+queries one k-d tree per cloud (scipy cKDTree: exact nearest neighbours, distances from coordinate differences, so
+the same values; measured 31 ms -> about 2 ms per 2,048-point pair on 2 cores); the assignment runs on the CPU.
 """
 from __future__ import annotations
 
@@ -49,8 +51,25 @@ DISTANCES = {"cd": chamfer, "emd": emd}
 """Point-cloud distances by the suffix their metrics carry (mmd-cd, cov-emd, ...)."""
 
 
+def chamfer_kdtree(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise Chamfer distances (Na, Nb) of CPU clouds a (Na, N, 3) and b (Nb, M, 3) through one k-d tree per
+    cloud (exact nearest neighbours; each directional mean in float64, then cast to the clouds' dtype)."""
+    from scipy.spatial import cKDTree
+
+    pa, pb = a.double().numpy(), b.double().numpy()
+    trees_a, trees_b = [cKDTree(p) for p in pa], [cKDTree(p) for p in pb]
+    out = np.empty((len(pa), len(pb)))
+    for i, (x, tx) in enumerate(zip(pa, trees_a)):
+        for j, (y, ty) in enumerate(zip(pb, trees_b)):
+            out[i, j] = np.mean(ty.query(x)[0] ** 2) + np.mean(tx.query(y)[0] ** 2)
+    return torch.as_tensor(out, dtype=a.dtype)
+
+
 def pairwise(a: Tensor, b: Tensor, distance: str = "cd") -> Tensor:
-    """D[i, j] = distance(a[i], b[j]) for clouds a (Na, N, 3) and b (Nb, M, 3) -> (Na, Nb), in batches of pairs."""
+    """D[i, j] = distance(a[i], b[j]) for clouds a (Na, N, 3) and b (Nb, M, 3) -> (Na, Nb), in batches of pairs
+    (Chamfer of CPU clouds: k-d trees, `chamfer_kdtree`)."""
+    if distance == "cd" and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[0] * b.shape[0] > 0:
+        return chamfer_kdtree(a, b)
     fn = DISTANCES[distance]
     per = max(1, PAIRS_PER_BATCH // max(1, a.shape[1] * b.shape[1]))
     rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(b.shape[0])

@@ -134,12 +134,26 @@ def reference_clouds(ecfg, comm: Collective | None = None, device="cpu") -> Tens
     return load_clouds(ecfg.reference, ecfg.shape_points, comm, device)
 
 
+_LAST_CLOUDS: dict[str, tuple] = {}
+"""The last generated and reference clouds of `sample_metric` (the same meshes object / reference path and point
+count): sample.py's cd and emd metrics then sample every mesh once, not once per metric."""
+
+
+def _memo(slot: str, key, make) -> Tensor:
+    """`make()`, or its value from the previous call with the same `key` (compared by identity and equality)."""
+    last = _LAST_CLOUDS.get(slot)
+    if last is None or last[0] is not key[0] or last[1:] != key[1:]:
+        _LAST_CLOUDS[slot] = last = (*key, make())
+    return last[-1]
+
+
 def sample_metric(distance: str):
     """The SAMPLE_METRICS entry for `distance`: fn(meshes, labels, cfg) -> scores against eval.reference."""
     def score(meshes, labels, cfg) -> dict:
         e = cfg.eval
-        generated = clouds_of_meshes(list(meshes), e.shape_points)
-        return {**shape_scores(generated, reference_clouds(e), (distance,), e.emd_points), "protocol": protocol(e)}
+        generated = _memo("generated", (meshes, e.shape_points), lambda: clouds_of_meshes(list(meshes), e.shape_points))
+        reference = _memo("reference", (None, str(e.reference), e.shape_points), lambda: reference_clouds(e))
+        return {**shape_scores(generated, reference, (distance,), e.emd_points), "protocol": protocol(e)}
 
     return score
 

@@ -51,9 +51,13 @@ def test_pairwise_matches_the_direct_computation_in_any_batching():
     assert d.shape == (5, 4)
     assert torch.allclose(d[3, 2], chamfer(a[3:4], b[2:3])[0])
     import gen.eval.shape_metrics as sm
+    direct = torch.stack([chamfer(a[i:i + 1].expand(4, -1, -1), b) for i in range(5)])  # the batched cdist path
+    assert torch.allclose(sm.chamfer_kdtree(a, b), direct, rtol=1e-6, atol=0)
+    assert torch.equal(sm.chamfer_kdtree(a, a).diagonal(), torch.zeros(5))
     before, sm.PAIRS_PER_BATCH = sm.PAIRS_PER_BATCH, 32 * 32 * 3  # three pairs per batch
-    try:
-        assert torch.allclose(pairwise(a, b, "cd"), d)
+    try:  # the batched torch path (EMD; Chamfer on the CPU goes through the k-d trees)
+        assert torch.allclose(pairwise(a, b, "emd"), torch.stack([emd(a[i:i + 1].expand(4, -1, -1), b)
+                                                                  for i in range(5)]))
     finally:
         sm.PAIRS_PER_BATCH = before
 
