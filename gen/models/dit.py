@@ -75,7 +75,27 @@ def _build(variant: str, size: str, patch_size: int, **overrides) -> Transformer
     return Transformer(**{**SIZES[size], **defaults, "patch_size": patch_size, **overrides})
 
 
-class Transformer(Backbone):
+class AdaLNStack(Backbone):
+    """What every adaLN-Zero block stack shares (DiT/SiT here, the set transformer): x/t/y embedders, `blocks` of
+    width `hidden_size` and a `final_layer`."""
+
+    def token_width(self, block: int) -> int:
+        """Every block keeps the width D."""
+        return self.hidden_size
+
+    def warm_parameters(self, blocks: int) -> tuple[str, ...]:
+        """The x/t/y embedders and blocks 1..blocks (a fixed position table is frozen anyway)."""
+        return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(blocks)))
+
+    def compile_regions(self, **options) -> None:
+        """Compile each block and the final layer in place ("regional compilation"): the blocks share one graph,
+        so compiling costs about one block's time, and taps / early exits between blocks need no recompile."""
+        for block in self.blocks:
+            block.compile(**options)
+        self.final_layer.compile(**options)
+
+
+class Transformer(AdaLNStack):
     """DiT/SiT backbone: patchify, sin-cos positions, adaLN-Zero blocks, modulated final layer.
 
     `qk_norm` and `rope` (2-D RoPE on q/k, LightningDiT/ERW style) are independent switches; both off: as published.
@@ -171,21 +191,6 @@ class Transformer(Backbone):
     def config_blocks(cls, cfg) -> int:
         """model.dit.depth, else the size table's depth."""
         return cfg.model.dit.depth or SIZES[cls.SIZES_OF[cfg.model.name]]["depth"]
-
-    def token_width(self, block: int) -> int:
-        """Every block keeps the width D."""
-        return self.hidden_size
-
-    def warm_parameters(self, blocks: int) -> tuple[str, ...]:
-        """The x/t/y embedders and blocks 1..blocks (pos_embed is frozen anyway)."""
-        return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(blocks)))
-
-    def compile_regions(self, **options) -> None:
-        """Compile each block and the final layer in place ("regional compilation"): the blocks share one graph,
-        so compiling costs about one block's time, and taps / early exits between blocks need no recompile."""
-        for block in self.blocks:
-            block.compile(**options)
-        self.final_layer.compile(**options)
 
     def forward(self, x: Tensor, t: Tensor, cond, *, taps=(), stop_at: int | None = None) -> BackboneOutput:
         """Denoise `x` at time `t` under `cond` (a Cond, or class labels); `feats[k]`: tokens after k blocks.

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from gen.cond import as_cond
 from gen.config import ComponentConfig, check
 from gen.layers import AdaLNBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
-from gen.models.base import Backbone, BackboneOutput
-from gen.models.dit import SIZES
+from gen.models.base import BackboneOutput
+from gen.models.dit import SIZES, AdaLNStack
 from gen.validation import in_range
 
 
@@ -64,7 +64,7 @@ def _build(size: str, **overrides) -> SetTransformer:
     return SetTransformer(**{**SIZES[size], **overrides})
 
 
-class SetTransformer(Backbone):
+class SetTransformer(AdaLNStack):
     """Row embedding, adaLN-Zero blocks, modulated per-row output; no positions anywhere (equivariant in the rows)."""
 
     KEY = "set_transformer"
@@ -118,20 +118,6 @@ class SetTransformer(Backbone):
     def config_blocks(cls, cfg) -> int:
         """model.set_transformer.depth, else the size table's depth."""
         return cfg.model.set_transformer.depth or SIZES[cls.SIZES_OF[cfg.model.name]]["depth"]
-
-    def token_width(self, block: int) -> int:
-        """Every block keeps the width D."""
-        return self.hidden_size
-
-    def warm_parameters(self, blocks: int) -> tuple[str, ...]:
-        """The x/t/y embedders and blocks 1..blocks."""
-        return ("x_embedder.", "t_embedder.", "y_embedder.", *(f"blocks.{i}." for i in range(blocks)))
-
-    def compile_regions(self, **options) -> None:
-        """Compile each block and the final layer in place (one graph the blocks share)."""
-        for block in self.blocks:
-            block.compile(**options)
-        self.final_layer.compile(**options)
 
     def forward(self, x: Tensor, t: Tensor, cond, *, taps=(), stop_at: int | None = None) -> BackboneOutput:
         """Velocity (or noise) for token sets x (N, n, d) at time t under `cond`; feats[k]: (N, n, D) after block k."""
