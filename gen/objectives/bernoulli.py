@@ -81,8 +81,9 @@ class BernoulliChain:
         """k_t in like's float dtype and device, shaped (N, 1, ..., 1) for per-sample t."""
         if like.device not in self._on:
             self._on[like.device] = self.keep.to(like.device, torch.float32 if like.device.type == "mps" else None)
-        t = torch.as_tensor(t, device=like.device).long()
-        return self._on[like.device][t].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+        # A host int indexes without a device read (a 0-d device index would be read back: a sync per step).
+        index = t if isinstance(t, int) else torch.as_tensor(t, device=like.device).long()
+        return self._on[like.device][index].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def marginal(self, x0: Tensor, t: Tensor | int) -> Tensor:
         """q(x_t = 1 | x0) = k_t x0 + (1 - k_t) / 2 (x0 may be a probability: then E over x0 ~ Bern(x0))."""
@@ -284,14 +285,16 @@ class BernoulliObjective(Objective):
                 "cfg_interval": tuple(scfg.cfg_interval), "temperature": self.temperature}
 
     def guided_logits(self, model_fn: Callable, x: Tensor, t_frac: Tensor, cond: Cond, cfg_scale: float = 1.0,
-                      cfg_interval: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0) -> Tensor:
+                      cfg_interval: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0,
+                      t_guide: float | None = None) -> Tensor:
         """x0-logits l_u + w (l_c - l_u) / temperature (w = cfg_scale, project convention; BLD's w is w - 1),
-        guided inside `cfg_interval` of t / T; the unconditional pass sees the null condition."""
+        guided inside `cfg_interval` of t / T (judged at the host float `t_guide` when given: no device read);
+        the unconditional pass sees the null condition."""
         if cfg_scale != 1.0 and self.null_class is None:
             raise ValueError("cfg_scale != 1 needs null_class (the model was built without an unconditional label)")
         fn = with_cfg(lambda y, tt, c: self.x0_logits(model_fn(y, tt, c)[:, : y.shape[1]].float(), y), cfg_scale,
                       self.cond, cfg_interval)
-        return fn(x, t_frac, cond) / temperature
+        return fn(x, t_frac, cond, t_guide=t_guide) / temperature
 
     @torch.no_grad()
     def sample(self, model_fn: Callable, x_T: Tensor, cond, *, sampler: str = "ancestral",
@@ -310,7 +313,8 @@ class BernoulliObjective(Objective):
         x = x_T.float()
         for i, t in enumerate(steps):
             t_frac = torch.full((x.shape[0],), t / self.num_timesteps, device=x.device)
-            p = torch.sigmoid(self.guided_logits(model_fn, x, t_frac, cond, cfg_scale, cfg_interval, temperature))
+            p = torch.sigmoid(self.guided_logits(model_fn, x, t_frac, cond, cfg_scale, cfg_interval, temperature,
+                                                 t_guide=t / self.num_timesteps))
             if t > 1:
                 post = self.chain.posterior(p, x, steps[i + 1], t)
                 x = (_uniform(x.shape, generator, x.device) < post).float()

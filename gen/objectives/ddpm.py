@@ -209,12 +209,14 @@ class DiffusionChain:
     def _call(self, model_fn: ModelFn, x: Tensor, k: int, cond: Cond, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Chain index k as a batch, and the network output at original step timestep_map[k] (float64 state)."""
         i = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-        t = self.timestep_map[k].to(device=x.device, dtype=torch.float64).expand(x.shape[0])
-        return i, model_fn(x.to(dtype), t, cond).to(torch.float64)
+        step = float(self.timestep_map[k])  # a host value: the time is filled on the device, guidance tested here
+        t = torch.full((x.shape[0],), step, dtype=torch.float64, device=x.device)
+        return i, model_fn(x.to(dtype), t, cond, t_guide=step).to(torch.float64)
 
     @torch.no_grad()
     def sample_loop(self, model_fn: ModelFn, x_T: Tensor, cond: Cond, step, *, generator=None, callback=None) -> Tensor:
-        """Run `step` (ddpm_step / ddim_step) from x_T at the noisiest index down to x_0; state kept in float64.
+        """Run `step` (ddpm_step / ddim_step) from x_T at the noisiest index down to x_0; state kept in float64;
+        `model_fn(x, t, cond, t_guide)` also gets the step as a host float (gen.sampling.guidance.with_cfg).
 
         `callback(dict(i, t, x, denoised))` gets the state after the i-th step (0-based), which read network step t.
         """
@@ -351,10 +353,8 @@ class DDPMObjective(DiffusionChain, Objective):
 
     def _guided(self, model_fn: ModelFn, channels: int, cfg_scale: float, cfg_interval) -> ModelFn:
         """CFG on the eps channels only (all of them, not DiT models.py forward_with_cfg's 3 of 4), the interval
-        mapped to integer steps."""
-        if cfg_scale == 1.0:
-            return model_fn
-        if self.null_class is None:
+        mapped to integer steps; the result takes the chain's host time as `t_guide` (no device read per step)."""
+        if cfg_scale != 1.0 and self.null_class is None:
             raise ValueError("cfg_scale != 1 needs the objective's null_class (the model's unconditional label)")
         lo, hi = cfg_interval
         # The interval is a fraction of the chain, t / T; the network's time is the original integer step.

@@ -339,11 +339,10 @@ class FlowObjective(Objective):
         guided = with_cfg(model_fn, cfg_scale, self.cond, cfg_interval)
         channels = noise.shape[1]
 
-        def velocity_fn(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | None = None) -> Tensor:
+        def velocity_fn(x: Tensor, t: Tensor, cond: Cond, t_guide: float | None = None) -> Tensor:
             """Guided prediction turned into the velocity dx/dt (in float64 when a conversion is needed); `t_guide`:
-            the time the guidance interval is judged at (Heun's corrector, gen.sampling.solvers.HEUN_GUIDANCE)."""
-            guide = {} if t_guide is None or guided is model_fn else {"t_guide": t_guide}
-            pred = guided(x, t, cond, **guide)[:, :channels]
+            the host time the guidance interval is judged at (gen.sampling.solvers, HEUN_GUIDANCE)."""
+            pred = guided(x, t, cond, t_guide=t_guide)[:, :channels]
             if self.prediction == "velocity":
                 return pred
             return self.path.convert(pred.double(), x.double(), t, self.prediction, "velocity")

@@ -19,21 +19,29 @@ def with_cfg(model_fn: Callable, scale: float, conditioning: Conditioning, inter
     the conditional branch); the batch is doubled exactly once
     and only for samples whose t lies in [lo, hi] (REPA's guidance interval, Kynkaanniemi et al. 2024); outside it
     only the conditional pass runs. scale == 1 is the conditional model itself. The interval is judged at `t_guide`
-    when the solver passes one (Heun's corrector: its step's start time, gen.sampling.solvers.HEUN_GUIDANCE), else
-    at t (with scale 1 `model_fn` itself comes back, which takes no `t_guide`).
+    when the caller passes one, else at t; the returned function takes `t_guide` whatever the scale.
+    A float `t_guide` is one time for the whole batch known on the host (the flow solvers and the DDPM chain pass
+    their grid time; Heun's corrector its step's start time, gen.sampling.solvers.HEUN_GUIDANCE): the interval test
+    then reads no device value, so a guided step has no host-device sync. A tensor t / t_guide (per-sample times,
+    e.g. masked-token decoding's masked fractions) is tested on the device and read back.
     """
     if scale == 1.0:
-        return model_fn
+        return lambda x, t, cond, t_guide=None: model_fn(x, t, cond)
     lo, hi = interval
 
-    def guided(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | None = None) -> Tensor:
+    def guided(x: Tensor, t: Tensor, cond: Cond, t_guide: Tensor | float | None = None) -> Tensor:
         """Guided prediction; one network call on the batch plus its in-interval unconditional copies."""
-        t_in = t if t_guide is None else t_guide
-        inside = (t_in >= lo) & (t_in <= hi)
-        if not bool(inside.any()):
-            return model_fn(x, t, cond)
         n = x.shape[0]
-        sel = slice(None) if bool(inside.all()) else inside
+        if isinstance(t_guide, float):
+            if not lo <= t_guide <= hi:
+                return model_fn(x, t, cond)
+            sel = slice(None)
+        else:
+            t_in = t if t_guide is None else t_guide
+            inside = (t_in >= lo) & (t_in <= hi)
+            if not bool(inside.any()):
+                return model_fn(x, t, cond)
+            sel = slice(None) if bool(inside.all()) else inside
         out = model_fn(torch.cat([x, x[sel]]), torch.cat([t, t[sel]]), cond.cat(conditioning.null(cond.select(sel))))
         cond, uncond = out[:n], out[n:]
         k = cond.shape[1] if channels is None else channels

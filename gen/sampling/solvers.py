@@ -3,8 +3,9 @@
 Time convention (REPA loss.py / samplers.py): t = 1 is noise, t = 0 is data; every sampler integrates t from ts[0]
 down to ts[-1].
 All samplers share one signature `(model_fn, x_T, ts, *, extra_args=None, callback=None, ...)`, where
-`model_fn(x, t, **extra_args)` returns the velocity dx/dt; Heun's corrector also passes `t_guide`, the time at
-which a guidance interval is judged (gen.sampling.guidance.with_cfg; a model_fn without guidance ignores it). The
+`model_fn(x, t, t_guide=..., **extra_args)` returns the velocity dx/dt; `t_guide` is a host float, the time at
+which a guidance interval is judged (gen.sampling.guidance.with_cfg, which then needs no device read; a model_fn
+without guidance ignores it): the evaluation's own time, except in Heun's corrector (HEUN_GUIDANCE). The
 state is kept in float64; the network sees x in x_T's dtype and t as an (N,) float64 vector (`network_fn` casts
 it), and its output is cast back to float64 (REPA `samplers.py` does the same). `callback(dict(i=i, t=t, x=x))`
 receives the state after step i, now at time t.
@@ -43,11 +44,13 @@ def repa_diffusion(t: float) -> float:
     return 2.0 * t
 
 
-def _velocity(model_fn: Callable, x: Tensor, t: float, dtype: torch.dtype, extra_args: dict, **guide) -> Tensor:
-    """One network evaluation: float64 state in, float64 velocity out; the network runs in `dtype`."""
+def _velocity(model_fn: Callable, x: Tensor, t: float, dtype: torch.dtype, extra_args: dict,
+              t_guide: float | None = None) -> Tensor:
+    """One network evaluation: float64 state in, float64 velocity out; the network runs in `dtype`; guidance is
+    judged at the host float `t_guide` (default: t)."""
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-    guide = {k: torch.full_like(t_vec, v) for k, v in guide.items()}
-    return model_fn(x.to(dtype), t_vec, **guide, **extra_args).to(torch.float64)
+    guide = float(t if t_guide is None else t_guide)
+    return model_fn(x.to(dtype), t_vec, t_guide=guide, **extra_args).to(torch.float64)
 
 
 HEUN_GUIDANCE = ("step_start", "each_eval")
