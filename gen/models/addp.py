@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gen.config import ComponentConfig, check
 from gen.layers import Block, PatchEmbed
-from gen.models.base import Backbone, BackboneOutput
+from gen.models.base import Backbone, BackboneOutput, ImageFeatures
 from gen.models.mage import MlmLayer
 from gen.validation import in_range
 
@@ -82,6 +82,7 @@ class ADDPNet(Backbone):
     Config = ADDPNetConfig
     LAYOUTS = ("id_grid",)
     MODELS = {}
+    ENCODES_IMAGES = True
     SIZES_OF = {"ADDP-T": "T", "ADDP-B": "B", "ADDP-L": "L"}
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, patch_size: int, depth: int, hidden_size: int,
@@ -148,6 +149,25 @@ class ADDPNet(Backbone):
         return ("patch_embed.", "cls_token", "pos_embed", "tokenizer_norm.",
                 *(f"blocks.{i}." for i in range(min(blocks, self.depth))))
 
+    def encode(self, x: Tensor, taps: frozenset[int] = frozenset(), blocks: int | None = None
+               ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The pixel encoder up to block `blocks` (all: None), before the final LayerNorm: tokens (N, 1 + L, D), cls
+        first, and feats[k], the L grid tokens after block k in taps."""
+        n = x.shape[0]
+        h = self.patch_embed((x.clamp(0.0, 1.0) - self.mean) / self.std) + self.pos_embed[:, 1:]
+        h = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1), h], dim=1)
+        h, feats = self.tokenizer_norm(h), {}
+        for k, block in enumerate(self.blocks[:blocks], start=1):
+            h = block(h)
+            if k in taps:
+                feats[k] = h[:, 1:]
+        return h, feats
+
+    def encode_images(self, images: Tensor) -> ImageFeatures:
+        """The whole encoder (final LayerNorm included) on real images in [0, 1]: its cls and L grid tokens."""
+        h = self.norm(self.encode(images)[0])
+        return ImageFeatures(h[:, 0], h[:, 1:])
+
     def forward(self, x: Tensor, t: Tensor, cond, *, ids: Tensor, mask: Tensor, taps=(),
                 stop_at: int | None = None) -> BackboneOutput:
         """Logits over V (N, h, w, V) from the image x (N, 3, H, W) in [0, 1], the ids (N, h, w) and mask_t (N, h, w)
@@ -156,13 +176,7 @@ class ADDPNet(Backbone):
         taps = frozenset(taps)
         last = self.check_taps(taps, stop_at)
         n = x.shape[0]
-        h = self.patch_embed((x.clamp(0.0, 1.0) - self.mean) / self.std) + self.pos_embed[:, 1:]
-        h = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1), h], dim=1)
-        h, feats = self.tokenizer_norm(h), {}
-        for k, block in enumerate(self.blocks[:last], start=1):
-            h = block(h)
-            if k in taps:
-                feats[k] = h[:, 1:]
+        h, feats = self.encode(x, taps, min(last, self.depth))
         if last <= self.depth:
             return BackboneOutput(None, feats)
         masked = torch.cat([mask.new_ones(n, 1), mask.reshape(n, -1)], dim=1)  # the cls slot takes the mask token
