@@ -11,6 +11,8 @@
   `decoder_pos_mask_embed` on masked slots, `decoder_pos_token_embed` (rows 1..L, by grid position) on the appended
   ids; pre-LN `decoder_blocks`, `decoder_norm`; MlmLayer head (gen.models.mage.MlmLayer) against the detached id
   table: logits over V at slots 1..L.
+Class-conditional variant (not in ADDP; model.addp.class_conditional): the cls slot holds the id embedding of
+K + label instead of the mask token (K + the null label for dropped labels and guidance).
 Vocabulary V = K + 1000 + 1 (codes, MAGE's class ids, the mask id) by default. The decoder width must equal the
 encoder width (the appended id embeddings are D wide), as in both released configs.
 Not built: dropout (0.1 in the reference) and the reference's unused `decoder_pos_embed`, `decoder_pred`,
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from gen.cond import as_cond
 from gen.config import ComponentConfig, check
 from gen.layers import Block, PatchEmbed
 from gen.models.base import Backbone, BackboneOutput, ImageFeatures
@@ -47,6 +50,10 @@ class ADDPNetConfig(ComponentConfig):
     """Pixel patch side; equals the tokenizer's downsampling f (latent.vq.factor) so patches and ids align."""
     class_slots: int = 1000
     """Class ids in the vocabulary V = K + class_slots + 1 (MAGE's and ADDP's: 1000)."""
+    class_conditional: bool = False
+    """Condition the token decoder on the class label (not in ADDP, which is unconditional): the cls slot holds the
+    id embedding of K + label (the null label cond.num_classes for dropout and guidance) instead of the mask token;
+    the pixel encoder never sees the label. With cond.label_dropout, sampler.cfg_scale guides the logits."""
     depth: Optional[int] = None
     """Encoder blocks; null keeps the size table's value."""
     hidden_size: Optional[int] = None
@@ -71,6 +78,9 @@ class ADDPNetConfig(ComponentConfig):
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",
                   f"{s[heads]} heads do not divide the width {s['hidden_size']}")
+        if self.class_conditional:
+            check(cfg.cond.num_classes + 1 <= self.class_slots, "model.addp.class_slots",
+                  f"{self.class_slots} cannot hold cond.num_classes={cfg.cond.num_classes} labels plus the null one")
         check(self.patch_size == cfg.latent.vq.factor, "model.addp.patch_size",
               f"{self.patch_size} must equal latent.vq.factor={cfg.latent.vq.factor} (one patch per token)")
 
@@ -86,13 +96,14 @@ class ADDPNet(Backbone):
     SIZES_OF = {"ADDP-T": "T", "ADDP-B": "B", "ADDP-L": "L"}
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, patch_size: int, depth: int, hidden_size: int,
-                 num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000):
+                 num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000,
+                 num_classes: int | None = None):
         super().__init__()
         self.sample_shape = self.token_grid = tuple(grid)
         self.codebook_size, self.patch_size = int(codebook_size), int(patch_size)
         self.vocab_size = self.codebook_size + class_slots + 1
         self.mask_id = self.vocab_size - 1
-        self.null_class = None  # unconditional (ADDP)
+        self.null_class = num_classes  # the null label of a class-conditional decoder; None: unconditional (ADDP)
         self.depth, self.num_blocks, self.width = depth, depth + decoder_depth, hidden_size
         n, d = grid[0] * grid[1], hidden_size
         self.patch_embed = PatchEmbed(3, d, patch_size)
@@ -135,7 +146,7 @@ class ADDPNet(Backbone):
         """cfg.model.name with cfg.model.addp's options; K = latent.vq.codebook_size."""
         o = cfg.model.addp
         return cls(tuple(sample_shape), cfg.latent.vq.codebook_size, o.patch_size, class_slots=o.class_slots,
-                   **o.sizes(cfg.model.name))
+                   num_classes=cfg.cond.num_classes if o.class_conditional else None, **o.sizes(cfg.model.name))
 
     @classmethod
     def config_blocks(cls, cfg) -> int:
@@ -171,8 +182,9 @@ class ADDPNet(Backbone):
     def forward(self, x: Tensor, t: Tensor, cond, *, ids: Tensor, mask: Tensor, taps=(),
                 stop_at: int | None = None) -> BackboneOutput:
         """Logits over V (N, h, w, V) from the image x (N, 3, H, W) in [0, 1], the ids (N, h, w) and mask_t (N, h, w)
-        (an equal number of unmasked ids per row); t and cond are not read. feats[k]: the L grid tokens after block
-        k (encoder blocks 1..depth, then decoder blocks: their first L slots)."""
+        (an equal number of unmasked ids per row); t is not read, cond only by a class-conditional model.
+        feats[k]: the L grid tokens after block k (encoder blocks 1..depth, then decoder blocks: their first L
+        slots)."""
         taps = frozenset(taps)
         last = self.check_taps(taps, stop_at)
         n = x.shape[0]
@@ -181,6 +193,9 @@ class ADDPNet(Backbone):
             return BackboneOutput(None, feats)
         masked = torch.cat([mask.new_ones(n, 1), mask.reshape(n, -1)], dim=1)  # the cls slot takes the mask token
         slots = torch.where(masked[..., None], self.mask_token, self.decoder_embed(self.norm(h)))
+        if self.null_class is not None:  # the cls slot holds the label's id embedding
+            label = self.token_emb(self.codebook_size + as_cond(cond).labels.to(x.device).long())
+            slots = torch.cat([label[:, None].to(slots.dtype), slots[:, 1:]], dim=1)
         pos_masked = torch.cat([mask.new_zeros(n, 1), mask.reshape(n, -1)], dim=1)  # cls keeps the pixel position
         slots = slots + torch.where(pos_masked[..., None], self.decoder_pos_mask_embed, self.decoder_pos_embed_learned)
         reliable = ~mask.reshape(n, -1)
