@@ -132,3 +132,47 @@ def test_repa_on_the_encoder_tokens_trains_a_step(tmp_path):
     assert list(repa.parameters()) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in repa.parameters())
     assert model.blocks[1].mlp.fc2.weight.grad.abs().sum() > 0 and model.patch_embed.proj.weight.grad.abs().sum() > 0
     assert model.decoder_blocks[0].mlp.fc2.weight.grad.abs().sum() > 0
+
+
+# Dropout ------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_draws_only_while_training_and_zero_builds_none():
+    from torch import nn
+
+    plain, _, _ = toy()
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())  # the default: no random draws at all
+    model, _, _ = toy("model.addp.dropout=0.1")
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 1 + 3 * 3  # embeddings + 3 per block
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    model.load_state_dict(plain.state_dict())
+    x, ids, mask = inputs(2)
+    t = torch.zeros(2)
+    assert torch.equal(model(x, t, None, ids=ids, mask=mask).out, plain(x, t, None, ids=ids, mask=mask).out)  # eval
+    model.train()
+    a, b = (model(x, t, None, ids=ids, mask=mask).out for _ in range(2))
+    assert not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="model.addp.dropout"):
+        load_config(None, [*TOY, "model.addp.dropout=1.0"])
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_resume_with_dropout_equals_the_uninterrupted_run(tmp_path):
+    """Dropout masks come from the global RNG, which checkpoints hold for every process: 2 + 2 steps equal 4."""
+    import train as train_job
+    from safetensors.torch import load_file
+
+    job = ["data.image_size=16", "data.num_workers=0", "model.addp.patch_size=4", "latent.vq.codebook_size=8",
+           "latent.vq.code_dim=3", "latent.vq.factor=4", "model.addp.dropout=0.1", "train.global_batch_size=8",
+           "train.lr=1e-3", "train.ckpt_every_steps=2", "log.tracker=none", "log.preview_every_steps=0"]
+
+    def run(name, steps, resume=False):
+        cfg = load_config(None, [*TOY, *job, f"train.max_steps={steps}", f"train.run_dir={tmp_path / name}"])
+        ckpt = train_job.train(cfg, resume=resume)
+        return {k: load_file(str(ckpt / f)) for k, f in (("model", "model.safetensors"), ("ema", "ema.safetensors"))}
+
+    straight = run("a", 4)
+    run("b", 2)
+    resumed = run("b", 4, resume=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part])

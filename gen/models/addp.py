@@ -15,7 +15,8 @@ Class-conditional variant (not in ADDP; model.addp.class_conditional): the cls s
 K + label instead of the mask token (K + the null label for dropped labels and guidance).
 Vocabulary V = K + 1000 + 1 (codes, MAGE's class ids, the mask id) by default. The decoder width must equal the
 encoder width (the appended id embeddings are D wide), as in both released configs.
-Not built: dropout (0.1 in the reference) and the reference's unused `decoder_pos_embed`, `decoder_pred`,
+Dropout (model.addp.dropout; the reference's 0.1): `tokenizer_dropout` after `tokenizer_norm`, and in the blocks.
+Not built: the reference's unused `decoder_pos_embed`, `decoder_pred`,
 `pos_token_embed`, `pos_mask_embed`.
 """
 from __future__ import annotations
@@ -64,6 +65,11 @@ class ADDPNetConfig(ComponentConfig):
     """Decoder blocks; null keeps the size table's value (ADDP: 8)."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (ADDP: 16)."""
+    dropout: float = 0.0
+    """Dropout while training (ADDP: 0.1): after the embeddings' tokenizer_norm, and in every encoder and decoder
+    block on the attention weights, the attention output and the MLP (gen.layers.Block). With dropout > 0 a run is
+    not invariant to the number of processes (the masks come from each process's own global RNG); resume stays
+    exact (checkpoints hold every process's RNG state)."""
 
     def sizes(self, name: str) -> dict[str, int]:
         """The size table's entry of model `name` with this section's overrides."""
@@ -74,6 +80,7 @@ class ADDPNetConfig(ComponentConfig):
         """Positive sizes, widths the heads divide, and patches the size of the tokenizer's cells."""
         for key in ("depth", "hidden_size", "num_heads", "decoder_depth", "decoder_num_heads"):
             in_range(f"model.addp.{key}", getattr(self, key), 1, nullable=True)
+        in_range("model.addp.dropout", self.dropout, 0.0, 1.0, below=True)
         s = self.sizes(cfg.model.name)
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",
@@ -97,7 +104,7 @@ class ADDPNet(Backbone):
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, patch_size: int, depth: int, hidden_size: int,
                  num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, dropout: float = 0.0):
         super().__init__()
         self.sample_shape = self.token_grid = tuple(grid)
         self.codebook_size, self.patch_size = int(codebook_size), int(patch_size)
@@ -110,14 +117,15 @@ class ADDPNet(Backbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, d))
         self.tokenizer_norm = nn.LayerNorm(d, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(d, num_heads) for _ in range(depth))
+        self.tokenizer_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(d, num_heads, drop=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_embed = nn.Linear(d, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + 1, d))
         self.decoder_pos_mask_embed = nn.Parameter(torch.zeros(1, n + 1, d))
         self.decoder_pos_token_embed = nn.Parameter(torch.zeros(1, n + 1, d))
-        self.decoder_blocks = nn.ModuleList(Block(d, decoder_num_heads) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(d, decoder_num_heads, drop=dropout) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.token_emb = nn.Embedding(self.vocab_size, d)
         self.mlm_layer = MlmLayer(d, d, self.vocab_size)
@@ -146,7 +154,8 @@ class ADDPNet(Backbone):
         """cfg.model.name with cfg.model.addp's options; K = latent.vq.codebook_size."""
         o = cfg.model.addp
         return cls(tuple(sample_shape), cfg.latent.vq.codebook_size, o.patch_size, class_slots=o.class_slots,
-                   num_classes=cfg.cond.num_classes if o.class_conditional else None, **o.sizes(cfg.model.name))
+                   num_classes=cfg.cond.num_classes if o.class_conditional else None, dropout=o.dropout,
+                   **o.sizes(cfg.model.name))
 
     @classmethod
     def config_blocks(cls, cfg) -> int:
@@ -167,7 +176,7 @@ class ADDPNet(Backbone):
         n = x.shape[0]
         h = self.patch_embed((x.clamp(0.0, 1.0) - self.mean) / self.std) + self.pos_embed[:, 1:]
         h = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1), h], dim=1)
-        h, feats = self.tokenizer_norm(h), {}
+        h, feats = self.tokenizer_dropout(self.tokenizer_norm(h)), {}
         for k, block in enumerate(self.blocks[:blocks], start=1):
             h = block(h)
             if k in taps:
