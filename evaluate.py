@@ -16,6 +16,11 @@ and any statistics it lacks), or a folder of images. Prints the scores and write
 count, the sampling record sample.py wrote next to the .npz: labels, rounding, sampler; networks and weight sha256;
 P/R mode; reference) to a JSON file; --save-stats also writes the samples' statistics in the reference layout.
 Keys: python evaluate.py --help-config.
+
+Linear probe of a run's image encoder (ADDP's pixel encoder; gen.eval.probe), its EMA weights and the same network
+at the run's initialisation, on the run's data or any image dataset (data.* overrides):
+    python evaluate.py runs/quickstart_addp --probe
+    python evaluate.py runs/quickstart_addp --probe eval.probe_encoder=init
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from gen.config import describe, load_config
 from gen.errors import DEBUG_HELP, one_line_errors
 from gen.eval.accumulate import feed
 from gen.eval.metrics import METRICS, MetricSuite
+from gen.eval.probe import run_probe
 from gen.eval.reference import make_reference, open_images, write_stats
 from gen.eval.shapes import SHAPE_METRICS, evaluate_shapes
 from gen.eval.shapes import protocol as shape_protocol
@@ -64,13 +70,15 @@ def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point; returns the JSON (or, with --make-reference, the .npz) path."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="?", help="samples (.npz with arr_0, or a folder); with --make-reference the "
-                                                  "dataset (.npz or folder)")
+                                                  "dataset (.npz or folder); with --probe the run")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.reference=REF.npz")
     parser.add_argument("--config", help="YAML file of overrides (only its eval section matters)")
     parser.add_argument("--out", help="output path (default: next to the images)")
     parser.add_argument("--save-stats", help="also write the samples' statistics (ADM layout, no images) here")
     parser.add_argument("--make-reference", action="store_true",
                         help="write ADM-layout reference statistics (+ arr_0 for precision/recall) of the images")
+    parser.add_argument("--probe", action="store_true",
+                        help="linear probe of the image encoder of the run (folder or checkpoint) given as images")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)  # options may sit between the images and the overrides
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.images is None:
         parser.error("the images (.npz or folder) are required")
     with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
+        if args.probe:
+            return run_probe(args.images, args.overrides, args.out)
         return run(args)
 
 

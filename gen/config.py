@@ -260,6 +260,17 @@ class EvalConfig:
     """3D shapes (eval.metrics cd, emd): points per shape, farthest-point sampled from each mesh's surface."""
     emd_points: int = 256
     """3D shapes: EMD is the exact matching on the first emd_points of each cloud's farthest-point order."""
+    probe_encoder: str = "ema"
+    """evaluate.py --probe (gen.eval.probe): the run's ema weights, or init (the same network at the run's own
+    initialisation, train.seed): the baseline."""
+    probe_pool: str = "mean"
+    """--probe features: mean (average of the encoder's grid tokens), cls, or both (concatenated)."""
+    probe_l2: float = 1.0e-3
+    """--probe: L2 penalty l2 / 2 ||W||^2 of the logistic regression on standardised features."""
+    probe_heldout_fraction: float = 0.2
+    """--probe: share of each class's images held out for scoring (fixed seed); the rest fit the classifier."""
+    probe_max_images: Optional[int] = None
+    """--probe: use at most this many images of the dataset (each class its share, fixed seed); null: all."""
 
 
 @dataclass

@@ -150,7 +150,8 @@ class Attention(nn.Module):
     `rope` is the (h, w) token grid to rotate queries and keys on (after QK-norm, as LightningDiT); None: off.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope: tuple[int, int] | None = None):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope: tuple[int, int] | None = None,
+                 drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
@@ -162,6 +163,8 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.rope = Rope2D(self.head_dim, rope) if rope is not None else None  # no parameters, no state
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = float(drop)  # on the attention weights while training (timm's attn_drop)
+        self.proj_drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""
@@ -171,35 +174,40 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)  # (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+        p = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p) if p > 0 else F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, t, d)))  # x: (N, H, T, Dh)
 
 
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (timm's Mlp names: fc1, fc2); `approximate="none"`: exact GELU
     (timm's default, as in MAE/MAGE ViTs)."""
 
-    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh", drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop1 = nn.Dropout(drop) if drop > 0 else nn.Identity()  # timm's Mlp: after the activation and fc2
+        self.drop2 = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block, x + attn(LN(x)) then x + mlp(LN(x)) (timm's Block names as in MAE/MAGE: norm1,
-    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2); qkv bias, exact GELU, LayerNorm eps 1e-6, no dropout."""
+    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2); qkv bias, exact GELU, LayerNorm eps 1e-6; `drop`: timm's
+    dropout (drop_rate = attn_drop_rate, as MAE/MAGE/ADDP set them) on the attention weights, after the attention
+    projection, after the MLP's activation and after fc2, while training; 0 builds none (no random draws)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6, drop: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none", drop=drop)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""

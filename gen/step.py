@@ -17,6 +17,7 @@ depend on the number of processes nor on how the global batch is split into accu
 from __future__ import annotations
 
 from collections.abc import Collection
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +37,7 @@ class StepDraws:
     uniform: Tensor  # (N,) U(0, 1) per sample, the aligners' own randomness (SRA's u)
     flip: Tensor | None = None  # (N,) bool, horizontal flips (data.hflip)
     per_batch: frozenset[str] = frozenset()  # objective/latent draws that hold one value for the whole batch
+    seed: Tensor | None = None  # (N,) int64: the first of a micro-batch seeds torch's global RNG for its forward
 
     @classmethod
     def draw(cls, objective, latent, n: int, seed: int, step: int, hflip: bool, device) -> StepDraws:
@@ -46,8 +48,9 @@ class StepDraws:
         posterior = latent.draw(n, g, device)
         flip = torch.rand(n, generator=g, device=device) < 0.5 if hflip else None
         uniform = torch.rand(n, generator=g, device=device)
+        seed = torch.randint(0, 2 ** 62, (n,), generator=g, device=device)  # drawn last: the rest keep their values
         kinds = {**objective.draw_kinds(), **latent.DRAWS}
-        return cls(drawn, posterior, uniform, flip, frozenset(k for k, v in kinds.items() if v == "batch"))
+        return cls(drawn, posterior, uniform, flip, frozenset(k for k, v in kinds.items() if v == "batch"), seed)
 
     def micro(self, micro: int, rank: int, world: int, per_process: int) -> StepDraws:
         """This process's part of micro-step `micro`, in gen.data.DistributedBatchSampler's layout of a batch."""
@@ -58,7 +61,21 @@ class StepDraws:
             return {k: v if k in self.per_batch else v[part] for k, v in draws.items()}
 
         return replace(self, objective=cut(self.objective), latent=cut(self.latent), uniform=self.uniform[part],
-                       flip=None if self.flip is None else self.flip[part])
+                       flip=None if self.flip is None else self.flip[part],
+                       seed=None if self.seed is None else self.seed[part])
+
+    @contextmanager
+    def global_rng(self, device):
+        """torch's global RNG (CPU, and `device`'s if CUDA) seeded by this micro-batch's first `seed`, restored
+        afterwards: what draws from it in the forward (dropout) repeats on resume. The masks depend on how the batch
+        is split, so a run with dropout is not invariant to the number of processes. No seed: left alone."""
+        if self.seed is None:
+            yield
+            return
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(self.seed[0]))
+            yield
 
 
 def model_inputs(batch: dict, latent, conditioning, draws: StepDraws,
@@ -188,8 +205,14 @@ class Trainee(nn.Module):
     def forward(self, x0: Tensor, cond: Cond, step: int, draws: StepDraws, pixels: Tensor | None = None,
                 target_feats: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """loss = denoise + sum_i weight_i(step) * aligner_i (per sample), and the terms for logging."""
-        if self.phase == "warmup":
-            return self._warmup_forward(x0, cond, step, draws, pixels, target_feats)
+        with draws.global_rng(x0.device):
+            if self.phase == "warmup":
+                return self._warmup_forward(x0, cond, step, draws, pixels, target_feats)
+            return self._forward(x0, cond, step, draws, pixels, target_feats)
+
+    def _forward(self, x0: Tensor, cond: Cond, step: int, draws: StepDraws, pixels: Tensor | None,
+                 target_feats: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """A joint step: the objective's loss plus the active aligners'."""
         out = self.objective.loss(self.model, x0, cond, taps=self.taps, step=step, **draws.objective)
         total, logs = out.loss, {"denoise": out.loss.detach(), **out.logs}
         if self.active:

@@ -153,6 +153,12 @@ def _validate_eval(e: EvalConfig) -> None:
     in_range("eval.is_split_size", e.is_split_size, 1)
     in_range("eval.batch_per_process", e.batch_per_process, 1)
     in_range("eval.image_size", e.image_size, 1, nullable=True)
+    probe = importlib.import_module("gen.eval.probe")
+    check(e.probe_encoder in probe.ENCODERS, "eval.probe_encoder", f"one of {', '.join(probe.ENCODERS)}")
+    check(e.probe_pool in probe.POOLS, "eval.probe_pool", f"one of {', '.join(probe.POOLS)}")
+    in_range("eval.probe_l2", e.probe_l2, 0.0)
+    in_range("eval.probe_heldout_fraction", e.probe_heldout_fraction, 0.0, 1.0, above=True, below=True)
+    in_range("eval.probe_max_images", e.probe_max_images, 2, nullable=True)
 
 
 def _validate_align(cfg: Config) -> None:

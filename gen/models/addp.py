@@ -11,9 +11,12 @@
   `decoder_pos_mask_embed` on masked slots, `decoder_pos_token_embed` (rows 1..L, by grid position) on the appended
   ids; pre-LN `decoder_blocks`, `decoder_norm`; MlmLayer head (gen.models.mage.MlmLayer) against the detached id
   table: logits over V at slots 1..L.
+Class-conditional variant (not in ADDP; model.addp.class_conditional): the cls slot holds the id embedding of
+K + label instead of the mask token (K + the null label for dropped labels and guidance).
 Vocabulary V = K + 1000 + 1 (codes, MAGE's class ids, the mask id) by default. The decoder width must equal the
 encoder width (the appended id embeddings are D wide), as in both released configs.
-Not built: dropout (0.1 in the reference) and the reference's unused `decoder_pos_embed`, `decoder_pred`,
+Dropout (model.addp.dropout; the reference's 0.1): `tokenizer_dropout` after `tokenizer_norm`, and in the blocks.
+Not built: the reference's unused `decoder_pos_embed`, `decoder_pred`,
 `pos_token_embed`, `pos_mask_embed`.
 """
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from gen.cond import as_cond
 from gen.config import ComponentConfig, check
 from gen.layers import Block, PatchEmbed
-from gen.models.base import Backbone, BackboneOutput
+from gen.models.base import Backbone, BackboneOutput, ImageFeatures
 from gen.models.mage import MlmLayer
 from gen.validation import in_range
 
@@ -47,6 +51,10 @@ class ADDPNetConfig(ComponentConfig):
     """Pixel patch side; equals the tokenizer's downsampling f (latent.vq.factor) so patches and ids align."""
     class_slots: int = 1000
     """Class ids in the vocabulary V = K + class_slots + 1 (MAGE's and ADDP's: 1000)."""
+    class_conditional: bool = False
+    """Condition the token decoder on the class label (not in ADDP, which is unconditional): the cls slot holds the
+    id embedding of K + label (the null label cond.num_classes for dropout and guidance) instead of the mask token;
+    the pixel encoder never sees the label. With cond.label_dropout, sampler.cfg_scale guides the logits."""
     depth: Optional[int] = None
     """Encoder blocks; null keeps the size table's value."""
     hidden_size: Optional[int] = None
@@ -57,6 +65,11 @@ class ADDPNetConfig(ComponentConfig):
     """Decoder blocks; null keeps the size table's value (ADDP: 8)."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (ADDP: 16)."""
+    dropout: float = 0.0
+    """Dropout while training (ADDP: 0.1): after the embeddings' tokenizer_norm, and in every encoder and decoder
+    block on the attention weights, the attention output and the MLP (gen.layers.Block). With dropout > 0 a run is
+    not invariant to the number of processes (the masks come from each process's own global RNG); resume stays
+    exact (checkpoints hold every process's RNG state)."""
 
     def sizes(self, name: str) -> dict[str, int]:
         """The size table's entry of model `name` with this section's overrides."""
@@ -67,10 +80,14 @@ class ADDPNetConfig(ComponentConfig):
         """Positive sizes, widths the heads divide, and patches the size of the tokenizer's cells."""
         for key in ("depth", "hidden_size", "num_heads", "decoder_depth", "decoder_num_heads"):
             in_range(f"model.addp.{key}", getattr(self, key), 1, nullable=True)
+        in_range("model.addp.dropout", self.dropout, 0.0, 1.0, below=True)
         s = self.sizes(cfg.model.name)
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",
                   f"{s[heads]} heads do not divide the width {s['hidden_size']}")
+        if self.class_conditional:
+            check(cfg.cond.num_classes + 1 <= self.class_slots, "model.addp.class_slots",
+                  f"{self.class_slots} cannot hold cond.num_classes={cfg.cond.num_classes} labels plus the null one")
         check(self.patch_size == cfg.latent.vq.factor, "model.addp.patch_size",
               f"{self.patch_size} must equal latent.vq.factor={cfg.latent.vq.factor} (one patch per token)")
 
@@ -82,30 +99,33 @@ class ADDPNet(Backbone):
     Config = ADDPNetConfig
     LAYOUTS = ("id_grid",)
     MODELS = {}
+    ENCODES_IMAGES = True
     SIZES_OF = {"ADDP-T": "T", "ADDP-B": "B", "ADDP-L": "L"}
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, patch_size: int, depth: int, hidden_size: int,
-                 num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000):
+                 num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000,
+                 num_classes: int | None = None, dropout: float = 0.0):
         super().__init__()
         self.sample_shape = self.token_grid = tuple(grid)
         self.codebook_size, self.patch_size = int(codebook_size), int(patch_size)
         self.vocab_size = self.codebook_size + class_slots + 1
         self.mask_id = self.vocab_size - 1
-        self.null_class = None  # unconditional (ADDP)
+        self.null_class = num_classes  # the null label of a class-conditional decoder; None: unconditional (ADDP)
         self.depth, self.num_blocks, self.width = depth, depth + decoder_depth, hidden_size
         n, d = grid[0] * grid[1], hidden_size
         self.patch_embed = PatchEmbed(3, d, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, d))
         self.tokenizer_norm = nn.LayerNorm(d, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(d, num_heads) for _ in range(depth))
+        self.tokenizer_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(d, num_heads, drop=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_embed = nn.Linear(d, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + 1, d))
         self.decoder_pos_mask_embed = nn.Parameter(torch.zeros(1, n + 1, d))
         self.decoder_pos_token_embed = nn.Parameter(torch.zeros(1, n + 1, d))
-        self.decoder_blocks = nn.ModuleList(Block(d, decoder_num_heads) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(d, decoder_num_heads, drop=dropout) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.token_emb = nn.Embedding(self.vocab_size, d)
         self.mlm_layer = MlmLayer(d, d, self.vocab_size)
@@ -134,6 +154,7 @@ class ADDPNet(Backbone):
         """cfg.model.name with cfg.model.addp's options; K = latent.vq.codebook_size."""
         o = cfg.model.addp
         return cls(tuple(sample_shape), cfg.latent.vq.codebook_size, o.patch_size, class_slots=o.class_slots,
+                   num_classes=cfg.cond.num_classes if o.class_conditional else None, dropout=o.dropout,
                    **o.sizes(cfg.model.name))
 
     @classmethod
@@ -148,25 +169,42 @@ class ADDPNet(Backbone):
         return ("patch_embed.", "cls_token", "pos_embed", "tokenizer_norm.",
                 *(f"blocks.{i}." for i in range(min(blocks, self.depth))))
 
-    def forward(self, x: Tensor, t: Tensor, cond, *, ids: Tensor, mask: Tensor, taps=(),
-                stop_at: int | None = None) -> BackboneOutput:
-        """Logits over V (N, h, w, V) from the image x (N, 3, H, W) in [0, 1], the ids (N, h, w) and mask_t (N, h, w)
-        (an equal number of unmasked ids per row); t and cond are not read. feats[k]: the L grid tokens after block
-        k (encoder blocks 1..depth, then decoder blocks: their first L slots)."""
-        taps = frozenset(taps)
-        last = self.check_taps(taps, stop_at)
+    def encode(self, x: Tensor, taps: frozenset[int] = frozenset(), blocks: int | None = None
+               ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The pixel encoder up to block `blocks` (all: None), before the final LayerNorm: tokens (N, 1 + L, D), cls
+        first, and feats[k], the L grid tokens after block k in taps."""
         n = x.shape[0]
         h = self.patch_embed((x.clamp(0.0, 1.0) - self.mean) / self.std) + self.pos_embed[:, 1:]
         h = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1), h], dim=1)
-        h, feats = self.tokenizer_norm(h), {}
-        for k, block in enumerate(self.blocks[:last], start=1):
+        h, feats = self.tokenizer_dropout(self.tokenizer_norm(h)), {}
+        for k, block in enumerate(self.blocks[:blocks], start=1):
             h = block(h)
             if k in taps:
                 feats[k] = h[:, 1:]
+        return h, feats
+
+    def encode_images(self, images: Tensor) -> ImageFeatures:
+        """The whole encoder (final LayerNorm included) on real images in [0, 1]: its cls and L grid tokens."""
+        h = self.norm(self.encode(images)[0])
+        return ImageFeatures(h[:, 0], h[:, 1:])
+
+    def forward(self, x: Tensor, t: Tensor, cond, *, ids: Tensor, mask: Tensor, taps=(),
+                stop_at: int | None = None) -> BackboneOutput:
+        """Logits over V (N, h, w, V) from the image x (N, 3, H, W) in [0, 1], the ids (N, h, w) and mask_t (N, h, w)
+        (an equal number of unmasked ids per row); t is not read, cond only by a class-conditional model.
+        feats[k]: the L grid tokens after block k (encoder blocks 1..depth, then decoder blocks: their first L
+        slots)."""
+        taps = frozenset(taps)
+        last = self.check_taps(taps, stop_at)
+        n = x.shape[0]
+        h, feats = self.encode(x, taps, min(last, self.depth))
         if last <= self.depth:
             return BackboneOutput(None, feats)
         masked = torch.cat([mask.new_ones(n, 1), mask.reshape(n, -1)], dim=1)  # the cls slot takes the mask token
         slots = torch.where(masked[..., None], self.mask_token, self.decoder_embed(self.norm(h)))
+        if self.null_class is not None:  # the cls slot holds the label's id embedding
+            label = self.token_emb(self.codebook_size + as_cond(cond).labels.to(x.device).long())
+            slots = torch.cat([label[:, None].to(slots.dtype), slots[:, 1:]], dim=1)
         pos_masked = torch.cat([mask.new_zeros(n, 1), mask.reshape(n, -1)], dim=1)  # cls keeps the pixel position
         slots = slots + torch.where(pos_masked[..., None], self.decoder_pos_mask_embed, self.decoder_pos_embed_learned)
         reliable = ~mask.reshape(n, -1)

@@ -21,6 +21,13 @@ class BackboneOutput(NamedTuple):
     feats: dict[int, Tensor]  # block index k (1-based) -> (N, T, D)
 
 
+class ImageFeatures(NamedTuple):
+    """An image encoder's features of real images: the cls token (None without one) and the grid tokens."""
+
+    cls: Tensor | None  # (N, D)
+    tokens: Tensor  # (N, T, D)
+
+
 class Backbone(nn.Module, ABC):
     """A denoising network: `forward(x, t, cond, taps=, stop_at=)` with tapped token features."""
 
@@ -35,6 +42,10 @@ class Backbone(nn.Module, ABC):
     """Model names it registers -> constructors taking keyword overrides."""
     SIZES_OF: ClassVar[dict[str, str]] = {}
     """Model name -> size tag (S, B, L, XL) that methods key their per-size defaults on."""
+
+    ENCODES_IMAGES: ClassVar[bool] = False
+    """Whether `encode_images` gives features of real images (a pixel encoder, e.g. ADDP's): what the linear probe
+    (gen.eval.probe) reads."""
 
     learn_sigma: bool = False  # whether the output carries a variance after the prediction (DiT's 2C channels)
     null_class: int | None  # the label meaning "unconditional", None for an unconditional model
@@ -64,6 +75,11 @@ class Backbone(nn.Module, ABC):
     def forward(self, x: Tensor, t: Tensor, cond, *, taps: Iterable[int] = (),
                 stop_at: int | None = None) -> BackboneOutput:
         """Denoise x at time t under `cond` (a gen.cond.Cond); feats[k] for k in taps; stop after block stop_at."""
+
+    def encode_images(self, images: Tensor) -> ImageFeatures:
+        """Families with `ENCODES_IMAGES`: the encoder's features of real images (N, 3, H, W) in [0, 1], H and W the
+        training images' size."""
+        raise NotImplementedError(f"{type(self).__name__} has no image encoder (ENCODES_IMAGES is False)")
 
     def compile_regions_for(self, setting: bool | None, device) -> bool:
         """Compile (compile_regions) as train.compile / sample.compile say: True, False, or None for "on a GPU

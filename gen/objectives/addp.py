@@ -20,6 +20,11 @@ confidence log p(id) + tau_s Gumbel with tau_s = tau (1 - (s+1)/S) (dynamic) or 
 generation_counts(s) lowest stay masked; Z = softmax(logits) @ codebook on the new mask, codebook[ids] elsewhere;
 x = VQDec(Z). Returns the last code map Z (the latent space decodes it): official, one soft position remains;
 `final_full_reveal` ends with hard codes only.
+
+Class-conditional ADDP (not in the paper; model.addp.class_conditional): labels reach the token decoder, dropped to
+the null label with cond.label_dropout; the sampler guides the logits with sampler.cfg_scale / cfg_interval through
+gen.sampling.guidance.with_cfg, its state (image, ids, mask) packed in one tensor (`pack`) so the batch doubling
+applies to all of it. The frozen predictor stays unconditional (MAGE's fake class).
 """
 from __future__ import annotations
 
@@ -31,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gen.cond import Cond, Conditioning
+from gen.cond import Cond, Conditioning, as_cond
 from gen.config import ComponentConfig, check
 from gen.objectives.addp_masks import generation_counts, grid_levels, nested_masks, ratio_grid
 from gen.objectives.base import LossOutput, Objective
 from gen.objectives.masked_tokens import lowest, reveal
+from gen.sampling.guidance import with_cfg
 from gen.sampling.noise import Generators, rand
 from latents.vq import embed, soft_embed
 
@@ -76,7 +82,7 @@ class ADDPConfig(ComponentConfig):
     """Sampling: reveal every position at the last step (false: the official single soft position remains)."""
 
     def validate(self, cfg) -> None:
-        """Known choices, a non-empty grid, the vq latent and no guidance."""
+        """Known choices, a non-empty grid, the vq latent, guidance only for a class-conditional model."""
         check(self.predictor in PREDICTORS, "objective.addp.predictor", f"one of {PREDICTORS}")
         check(0.0 <= self.oracle_epsilon <= 1.0, "objective.addp.oracle_epsilon", "must lie in [0, 1]")
         check(self.ratio_steps >= 1, "objective.addp.ratio_steps", "must be >= 1")
@@ -88,7 +94,8 @@ class ADDPConfig(ComponentConfig):
               "dynamic or static")
         check(self.sample_schedule in ("cosine", "linear"), "objective.addp.sample_schedule", "cosine or linear")
         check(cfg.latent.name == "vq", "latent.name", "objective addp decodes codes: it runs on the vq latent space")
-        check(cfg.sampler.cfg_scale == 1.0, "sampler.cfg_scale", "ADDP is unconditional: set it to 1")
+        check(cfg.sampler.cfg_scale == 1.0 or cfg.model.addp.class_conditional, "sampler.cfg_scale",
+              "guidance needs a class-conditional ADDP (model.addp.class_conditional=true); set it to 1")
         check(cfg.sampler.eta == 0.0, "sampler.eta", "the alternating sampler takes none (set it to 0)")
 
 
@@ -108,10 +115,12 @@ class ADDPObjective(Objective):
     BACKBONES = ("addp",)
 
     def __init__(self, model, cfg):
-        super().__init__(Conditioning(None))
+        null = model.null_class
+        super().__init__(Conditioning(null, cfg.cond.label_dropout if null is not None else 0.0))
         o = cfg.objective.addp
         self.options, self.cfg = o, cfg
         self.mask_id, self.codebook_size, self.vocab_size = model.mask_id, model.codebook_size, model.vocab_size
+        self.grid = tuple(model.token_grid)
         self.ratios, self.probs = ratio_grid(o.ratio_steps, o.ratio_min, o.ratio_max, o.ratio_mu, o.ratio_std)
         self.latent = None  # the frozen tokenizer's latent space, from load_weights
         self.predictor = None  # the frozen MAGE predictor (None: the oracle)
@@ -195,31 +204,51 @@ class ADDPObjective(Objective):
 
     # -- sampling ---------------------------------------------------------------------------------
 
+    def pack(self, x: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """The sampler's state as one float32 tensor (N, 3 H W + L), so that guidance (gen.sampling.guidance.with_cfg)
+        doubles image, ids and mask alike: the image, then the ids with the mask id where masked (ids < 2^24 are
+        exact in float32; the network reads no id under the mask)."""
+        marked = torch.where(mask.reshape(ids.shape), self.mask_id, ids)
+        return torch.cat([x.float().flatten(1), marked.flatten(1).float()], dim=1)
+
+    def unpack(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(image (N, 3, H, W), ids (N, h, w), mask (N, h, w)) of a `pack`ed state."""
+        h, w = self.grid
+        f = self.latent.factor
+        ids = state[:, 3 * h * w * f * f:].round().long().reshape(-1, h, w)
+        return state[:, : 3 * h * w * f * f].reshape(-1, 3, h * f, w * f), ids, ids == self.mask_id
+
     def model_fn(self, model, dtype: torch.dtype | None = None) -> Callable:
-        """`fn(x, ids, mask) -> logits over the K codes (N, h, w, K)`; x cast to `dtype` (None keeps it)."""
-        def fn(x: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-            zeros = torch.zeros(len(ids), device=ids.device)
-            return model(x if dtype is None else x.to(dtype), zeros, None, ids=ids, mask=mask).out[
+        """`fn(state, t, cond) -> logits over the K codes (N, h, w, K)` of a `pack`ed state; the image cast to
+        `dtype` (None keeps it); t (the masked fraction) is not read by the network."""
+        def fn(state: Tensor, t: Tensor, cond) -> Tensor:
+            x, ids, mask = self.unpack(state)
+            return model(x if dtype is None else x.to(dtype), t.float(), cond, ids=ids, mask=mask).out[
                 ..., : self.codebook_size]
 
         return fn
 
     def sample_options(self, scfg) -> dict:
-        """Steps from a gen.config.SamplerConfig, the rest from objective.addp (ADDP is unconditional)."""
-        if scfg.cfg_scale != 1.0:
-            raise ValueError("ADDP is unconditional: sampler.cfg_scale must be 1")
+        """Steps and guidance from a gen.config.SamplerConfig, the rest from objective.addp."""
         o = self.options
-        return {"num_steps": scfg.num_steps, "choice_temperature": o.choice_temperature,
-                "temperature_strategy": o.temperature_strategy, "schedule": o.sample_schedule,
-                "final_full_reveal": o.final_full_reveal}
+        return {"num_steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale, "cfg_interval": tuple(scfg.cfg_interval),
+                "choice_temperature": o.choice_temperature, "temperature_strategy": o.temperature_strategy,
+                "schedule": o.sample_schedule, "final_full_reveal": o.final_full_reveal}
 
     @torch.no_grad()
     def sample(self, model_fn: Callable, x_T: Tensor, cond, *, generator: Generators = None, num_steps: int = 20,
                choice_temperature: float = 6.0, temperature_strategy: str = "dynamic", schedule: str = "cosine",
-               final_full_reveal: bool = False, callback: Callable | None = None) -> Tensor:
-        """Alternating sampling from ids x_T (all masked); returns the last code map (N, d, h, w).
+               final_full_reveal: bool = False, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+               callback: Callable | None = None) -> Tensor:
+        """Alternating sampling from ids x_T (all masked); returns the last code map (N, d, h, w). A class-conditional
+        model guides its logits u + cfg_scale (c - u) where the masked fraction lies in cfg_interval (as
+        masked_tokens does).
 
         `callback(dict(i, ids, mask, x))` gets the ids, the positions still masked and the image after step i."""
+        if cfg_scale != 1.0 and not self.cond.conditional:
+            raise ValueError("cfg_scale != 1 needs a class-conditional ADDP (model.addp.class_conditional=true)")
+        cond = as_cond(cond) if self.cond.conditional else cond
+        fn = with_cfg(model_fn, cfg_scale, self.cond, cfg_interval)
         n, shape = x_T.shape[0], x_T.shape
         length = x_T[0].numel()
         counts = generation_counts(length, num_steps, schedule, final_full_reveal)
@@ -229,7 +258,8 @@ class ADDPObjective(Objective):
         x = torch.full((n, 3, shape[-2] * self.latent.factor, side), 0.5, device=x_T.device)
         z = None
         for step in range(num_steps):
-            logits = model_fn(x, ids.reshape(shape), mask.reshape(shape)).float().reshape(n, length, -1)
+            state = self.pack(x, ids.reshape(shape), mask.reshape(shape))
+            logits = fn(state, mask.float().mean(dim=1), cond).float().reshape(n, length, -1)
             probs = torch.softmax(logits, dim=-1)
             u = rand((n, 2, length), generator, x_T.device, torch.float64)
             frac = (step + 1) / num_steps

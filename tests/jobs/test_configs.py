@@ -17,7 +17,10 @@ from latents import build_latent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHRINK = ["model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2", "model.set_transformer.depth=2",
           "model.set_transformer.hidden_size=32", "model.set_transformer.num_heads=2",
-          "objective.addp.predictor=oracle"]  # ADDP's frozen predictor: the test double instead of a weights file
+          "objective.addp.predictor=oracle",  # ADDP's frozen predictor: the test double instead of a weights file
+          "latent.vq.quantizer=palette",  # and the palette instead of the VQGAN checkpoint
+          "model.addp.depth=2", "model.addp.hidden_size=32", "model.addp.num_heads=2", "model.addp.decoder_depth=1",
+          "model.addp.decoder_num_heads=2"]
 # Aligner layers that fit the 2 shrunk blocks, per method a config trains with.
 SHRINK_ALIGN = {"repa": ["align.repa.depth=1"], "sra": ["align.sra.student_layer=1", "align.sra.teacher_layer=2"],
                 "erw": ["align.erw.depth=2", "align.erw.warm_depth=1"]}
@@ -74,6 +77,21 @@ def test_paper_recipes_follow_the_spec_table():
     a = erw.align
     assert (a.erw.warmup_steps, erw.train.max_steps, a.erw.warm_depth, a.erw.depth, a.erw.coeff,
             a.erw.half_life_steps, erw.model.dit.rope) == (100_000, 300_000, 4, 14, 6.0, 50_000, True)
+
+
+def test_addp_recipes_follow_the_reference_scripts():
+    """ChangyaoTian/ADDP configs/release/{base,large}: batch 4096, lr 1e-4 * 4096 / 256, AdamW (0.9, 0.95), weight
+    decay 0.05, clip 3.0, dropout 0.1, 1600 / 800 epochs; MAGE's VQGAN and predictor from local files."""
+    for size, steps in (("B", 500_456), ("L", 250_228)):
+        path = REPO / "configs" / f"addp_vit{size.lower()}_imagenet256.yaml"
+        cfg, t = load_config(path), load_config(path).train
+        assert (t.global_batch_size, t.lr, tuple(t.betas), t.weight_decay, t.grad_clip, t.max_steps) == (
+            4096, 1e-4 * 4096 / 256, (0.9, 0.95), 0.05, 3.0, steps)
+        assert (cfg.model.name, cfg.model.addp.dropout, cfg.objective.addp.predictor_model) == (
+            f"ADDP-{size}", 0.1, f"MAGE-{size}")
+        assert cfg.latent.vq.weights.endswith("vqgan_jax_strongaug.ckpt")
+        assert cfg.objective.addp.predictor_weights.endswith(f"mage-vit{size.lower()}-1600.pth")
+        assert ("FID 8.9" if size == "B" else "FID 7.6") in path.read_text()
 
 
 def test_dit_sra_recipe_is_the_reference_dit_sra():
