@@ -37,7 +37,7 @@ class StepDraws:
     uniform: Tensor  # (N,) U(0, 1) per sample, the aligners' own randomness (SRA's u)
     flip: Tensor | None = None  # (N,) bool, horizontal flips (data.hflip)
     per_batch: frozenset[str] = frozenset()  # objective/latent draws that hold one value for the whole batch
-    seed: Tensor | None = None  # (N,) int64: the first of a micro-batch seeds torch's global RNG for its forward
+    rng_seed: int | None = None  # host int seeding torch's global RNG for a (micro-)batch's forward (dropout)
 
     @classmethod
     def draw(cls, objective, latent, n: int, seed: int, step: int, hflip: bool, device) -> StepDraws:
@@ -48,9 +48,9 @@ class StepDraws:
         posterior = latent.draw(n, g, device)
         flip = torch.rand(n, generator=g, device=device) < 0.5 if hflip else None
         uniform = torch.rand(n, generator=g, device=device)
-        seed = torch.randint(0, 2 ** 62, (n,), generator=g, device=device)  # drawn last: the rest keep their values
         kinds = {**objective.draw_kinds(), **latent.DRAWS}
-        return cls(drawn, posterior, uniform, flip, frozenset(k for k, v in kinds.items() if v == "batch"), seed)
+        return cls(drawn, posterior, uniform, flip, frozenset(k for k, v in kinds.items() if v == "batch"),
+                   seed * 1_000_003 + step)
 
     def micro(self, micro: int, rank: int, world: int, per_process: int) -> StepDraws:
         """This process's part of micro-step `micro`, in gen.data.DistributedBatchSampler's layout of a batch."""
@@ -62,19 +62,20 @@ class StepDraws:
 
         return replace(self, objective=cut(self.objective), latent=cut(self.latent), uniform=self.uniform[part],
                        flip=None if self.flip is None else self.flip[part],
-                       seed=None if self.seed is None else self.seed[part])
+                       rng_seed=None if self.rng_seed is None else (self.rng_seed * 65_537 + start) % 2 ** 62)
 
     @contextmanager
     def global_rng(self, device):
-        """torch's global RNG (CPU, and `device`'s if CUDA) seeded by this micro-batch's first `seed`, restored
-        afterwards: what draws from it in the forward (dropout) repeats on resume. The masks depend on how the batch
-        is split, so a run with dropout is not invariant to the number of processes. No seed: left alone."""
-        if self.seed is None:
+        """torch's global RNG (CPU, and `device`'s if CUDA) seeded by this micro-batch's `rng_seed` (a host int from
+        the run's seed, the step and the micro-batch's first sample: no device read), restored afterwards: what draws
+        from it in the forward (dropout) repeats on resume. The masks depend on how the batch is split, so a run with
+        dropout is not invariant to the number of processes. No seed: left alone."""
+        if self.rng_seed is None:
             yield
             return
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(self.seed[0]))
+            torch.manual_seed(self.rng_seed)
             yield
 
 
