@@ -82,6 +82,12 @@ def optimizer_settings(cfg: Config) -> dict:
     return dict(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
 
 
+def learning_rate(cfg: Config, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): train.lr after a linear train.lr_warmup_steps warm-up."""
+    t = cfg.train
+    return t.lr if step >= t.lr_warmup_steps else t.lr * (step + 1) / t.lr_warmup_steps
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     """AdamW over `params`, fused kernels where the device supports them."""
     kwargs = optimizer_settings(cfg)
@@ -257,6 +263,9 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
             trainee, optimizer = prepare_step(accelerator, trainee, module.phase, step, cfg, optimizer)
             accelerator.print(f"step {step}: {stopped} switched off")
         step_random = StepDraws.draw(objective, latent, t.global_batch_size, t.seed, step, cfg.data.hflip, device)
+        if step <= t.lr_warmup_steps:  # a function of the step alone: resume-exact
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
         for micro in range(t.grad_accum_steps):
             batch = next(batches)
             draws = step_random.micro(micro, rank, world, n)

@@ -134,7 +134,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     lr: float = 1e-4
-    """AdamW learning rate (constant, no warm-up)."""
+    """AdamW learning rate (constant after train.lr_warmup_steps)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up: step s (from 0) trains at lr * min(1, (s + 1) / lr_warmup_steps); 0: constant from the start
+    (DiT/SiT/REPA). MAGE/ADDP warm up for 40 epochs."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     adam_eps: float = 1e-8

@@ -95,6 +95,7 @@ def _validate_train(cfg: Config) -> None:
     in_range("train.global_batch_size", t.global_batch_size, 1)
     in_range("train.grad_accum_steps", t.grad_accum_steps, 1)
     in_range("train.lr", t.lr, 0.0, above=True)
+    in_range("train.lr_warmup_steps", t.lr_warmup_steps, 0)
     check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), "train.betas",
           f"is {list(t.betas)}; allowed: two values in [0, 1)")
     in_range("train.adam_eps", t.adam_eps, 0.0)

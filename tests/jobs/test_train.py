@@ -221,6 +221,21 @@ def test_resume_applies_the_new_optimizer_settings_and_records_them(tmp_path):
     assert load_config(ckpt / "config.yaml").train.lr == 3e-4
 
 
+def test_lr_warmup_is_linear_in_the_step_and_resumes_exactly(tmp_path):
+    """train.lr_warmup_steps=3: step s trains at lr (s + 1) / 3 (the checkpoint after step s holds that value), then
+    lr; a run resumed inside the warm-up equals the uninterrupted one."""
+    args = ["train.lr=1e-3", "train.lr_warmup_steps=3", "train.ckpt_every_steps=2"]
+    straight = train_job.train(tiny(tmp_path / "a", *args, "train.max_steps=4"))
+    train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=2"))
+    resumed = train_job.train(tiny(tmp_path / "b", *args, "train.max_steps=4"), resume=True)
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    for step, lr in ((2, 2e-3 / 3), (4, 1e-3)):
+        groups = torch.load(tmp_path / "a" / "checkpoints" / f"step-{step:08d}" / "optimizer.bin",
+                            weights_only=True)["param_groups"]
+        assert all(g["lr"] == pytest.approx(lr, rel=1e-12) for g in groups)
+    assert train_job.learning_rate(load_config(straight / "config.yaml"), 0) == pytest.approx(1e-3 / 3)
+
+
 def test_resume_on_a_finished_run_says_so_and_writes_nothing(tmp_path):
     train_job.train(tiny(tmp_path / "run", "train.max_steps=1"))
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
