@@ -130,6 +130,24 @@ def test_tiny_predictor_overfits_a_batch():
     assert bool((out.logs["masked_acc"] == 1).all())
 
 
+def test_dropout_only_while_training_and_the_embedding_init_scale():
+    from torch import nn
+
+    plain, dropped = tiny(num_classes=4), tiny(num_classes=4, dropout=0.1)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())  # the default draws nothing
+    assert sum(isinstance(m, nn.Dropout) for m in dropped.modules()) == 1 + 3 * 4  # embeddings + 3 per block
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in dropped.state_dict().items())  # same parameters
+    ids, cond, t = torch.randint(0, K, (2, *GRID)), torch.tensor([0, 1]), torch.zeros(2)
+    dropped.eval()
+    assert torch.equal(dropped(ids, t, cond).out, plain(ids, t, cond).out)
+    dropped.train()
+    assert not torch.equal(dropped(ids, t, cond).out, dropped(ids, t, cond).out)
+    wide = tiny(num_classes=4, embed_init_std=1.0)
+    for key in ("token_emb.word_embeddings.weight", "token_emb.position_embeddings.weight",
+                "decoder_pos_embed_learned"):
+        assert plain.state_dict()[key].std() < 0.03 and 0.8 < wide.state_dict()[key].std() < 1.2, key
+
+
 # ---------------------------------------------------------------------------------------------------
 # Released predictors: the reference's state dict and token-path forward (LTH14/mage models_mage.py; the
 # generation path of gen_img_uncond.py and, with drop, forward_encoder/forward_decoder).

@@ -68,8 +68,8 @@ class ADDPNetConfig(ComponentConfig):
     dropout: float = 0.0
     """Dropout while training (ADDP: 0.1): after the embeddings' tokenizer_norm, and in every encoder and decoder
     block on the attention weights, the attention output and the MLP (gen.layers.Block). With dropout > 0 a run is
-    not invariant to the number of processes (the masks come from each process's own global RNG); resume stays
-    exact (checkpoints hold every process's RNG state)."""
+    not invariant to the number of processes (each micro-batch's masks come from a seed of the step and its first
+    sample, gen.step.StepDraws.global_rng); resume stays exact."""
 
     def sizes(self, name: str) -> dict[str, int]:
         """The size table's entry of model `name` with this section's overrides."""

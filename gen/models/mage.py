@@ -20,9 +20,10 @@ ceil(0.5 L) positions while training (gen.objectives.masked_tokens, `drop_ratio`
 ADDP's frozen predictor (its token_predictor.py) drops none. Reproducing the released predictors' outputs
 therefore needs the whole encoder-decoder but not the drop, which changes training only.
 
-Not built: dropout (MAGE: 0.1 on embeddings, attention and MLPs; our blocks have none), and the reference's unused
-parameters (patch_embed, cls_token, the fixed sin-cos pos_embed / decoder_pos_embed, mask_token, decoder_pred): a
-released checkpoint's entries for them, and its frozen `vqgan.*` copy, are dropped by `from_mage` (MAGE_UNUSED).
+Dropout (model.mage.dropout; MAGE: 0.1): after the embeddings' LayerNorm and in every block (gen.layers.Block).
+Not built: the reference's unused parameters (patch_embed, cls_token, the fixed sin-cos pos_embed /
+decoder_pos_embed, mask_token, decoder_pred): a released checkpoint's entries for them, and its frozen `vqgan.*`
+copy, are dropped by `from_mage` (MAGE_UNUSED).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ class MageConfig(ComponentConfig):
     """Decoder width; null keeps the size table's value."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (MAGE: 16)."""
+    embed_init_std: float = 0.02
+    """Std of the normal init of the id table, the positions and the decoder positions (MAGE: 0.02). The head scores
+    against the detached id table, so its logits scale with the table's norm: tiny widths learn much faster with a
+    larger value (quickstart: 1.0)."""
+    dropout: float = 0.0
+    """Dropout while training (MAGE: 0.1): after the embeddings' LayerNorm and in every encoder and decoder block
+    (attention weights, attention output, MLP). Not invariant to the number of processes; resume stays exact
+    (gen.step.StepDraws.global_rng)."""
 
     def slots(self, cfg) -> int:
         """The class slots of the vocabulary."""
@@ -93,6 +102,8 @@ class MageConfig(ComponentConfig):
             check(s[f"{prefix}hidden_size"] % s[f"{prefix}num_heads"] == 0, f"model.mage.{prefix}hidden_size",
                   f"{s[f'{prefix}hidden_size']} is not divisible by {s[f'{prefix}num_heads']} heads")
         in_range("model.mage.class_slots", self.class_slots, 1, nullable=True)
+        in_range("model.mage.dropout", self.dropout, 0.0, 1.0, below=True)
+        in_range("model.mage.embed_init_std", self.embed_init_std, 0.0, above=True)
         slots = self.slots(cfg)
         if self.unconditional:
             check(0 <= self.fake_class_slot < slots, "model.mage.fake_class_slot",
@@ -103,17 +114,18 @@ class MageConfig(ComponentConfig):
 
 
 class TokenEmbedding(nn.Module):
-    """Word + learned position embedding, then LayerNorm (MAGE's BertEmbeddings names)."""
+    """Word + learned position embedding, then LayerNorm and dropout (MAGE's BertEmbeddings names)."""
 
-    def __init__(self, vocab_size: int, width: int, positions: int):
+    def __init__(self, vocab_size: int, width: int, positions: int, dropout: float = 0.0):
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, width)
         self.position_embeddings = nn.Embedding(positions, width)
         self.LayerNorm = nn.LayerNorm(width, eps=1e-6)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, ids: Tensor) -> Tensor:
         """(N, T) long -> (N, T, D)."""
-        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]])
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]]))
 
 
 class MlmLayer(nn.Module):
@@ -141,7 +153,8 @@ class MaskedTokenTransformer(Backbone):
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, depth: int, hidden_size: int, num_heads: int,
                  decoder_depth: int, decoder_hidden_size: int, decoder_num_heads: int, class_slots: int = 1000,
-                 num_classes: int | None = None, fake_class_slot: int = 76):
+                 num_classes: int | None = None, fake_class_slot: int = 76, dropout: float = 0.0,
+                 embed_init_std: float = 0.02):
         super().__init__()
         self.sample_shape = self.token_grid = tuple(grid)
         self.codebook_size, self.class_slots = int(codebook_size), int(class_slots)
@@ -152,19 +165,20 @@ class MaskedTokenTransformer(Backbone):
         self.depth, self.num_blocks = depth, depth + decoder_depth
         self.widths = (hidden_size, decoder_hidden_size)
         n = grid[0] * grid[1]
-        self.token_emb = TokenEmbedding(self.vocab_size, hidden_size, n + 1)
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads) for _ in range(depth))
+        self.token_emb = TokenEmbedding(self.vocab_size, hidden_size, n + 1, dropout)
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, drop=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + 1, decoder_hidden_size))
-        self.decoder_blocks = nn.ModuleList(Block(decoder_hidden_size, decoder_num_heads)
+        self.decoder_blocks = nn.ModuleList(Block(decoder_hidden_size, decoder_num_heads, drop=dropout)
                                             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_hidden_size, eps=1e-6)
         self.mlm_layer = MlmLayer(decoder_hidden_size, hidden_size, self.vocab_size)
-        self.initialize_weights()
+        self.initialize_weights(embed_init_std)
 
-    def initialize_weights(self) -> None:
-        """MAGE's init: xavier-uniform Linears with zero bias, unit LayerNorms, N(0, 0.02) embeddings and positions."""
+    def initialize_weights(self, embed_std: float = 0.02) -> None:
+        """MAGE's init: xavier-uniform Linears with zero bias, unit LayerNorms, N(0, embed_std^2) embeddings and
+        positions (MAGE: 0.02)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -174,7 +188,7 @@ class MaskedTokenTransformer(Backbone):
                 nn.init.zeros_(m.bias)
         for table in (self.token_emb.word_embeddings.weight, self.token_emb.position_embeddings.weight,
                       self.decoder_pos_embed_learned):
-            nn.init.normal_(table, std=0.02)
+            nn.init.normal_(table, std=embed_std)
 
     @classmethod
     def from_config(cls, cfg, sample_shape) -> MaskedTokenTransformer:
@@ -182,7 +196,8 @@ class MaskedTokenTransformer(Backbone):
         o = cfg.model.mage
         return cls(tuple(sample_shape), cfg.latent.vq.codebook_size, class_slots=o.slots(cfg),
                    num_classes=None if o.unconditional else cfg.cond.num_classes,
-                   fake_class_slot=o.fake_class_slot, **o.sizes(cfg.model.name))
+                   fake_class_slot=o.fake_class_slot, dropout=o.dropout, embed_init_std=o.embed_init_std,
+                   **o.sizes(cfg.model.name))
 
     @classmethod
     def config_blocks(cls, cfg) -> int:
