@@ -44,6 +44,14 @@ class CondConfig:
     """Number of classes; label `num_classes` is the null (unconditional) class."""
     label_dropout: float = 0.1
     """Probability of replacing a sample's condition by the null one (classifier-free guidance training)."""
+    text_dim: int = 0
+    """Width D of the text-encoder tokens the backbone cross-attends to (gen.text; CLIP ViT-L/14: 768); 0: no text.
+    Training reads the tokens from a latent cache that prepare.py wrote with cond.text_encoder set."""
+    text_encoder: Optional[str] = None
+    """Local folder of the CLIP text encoder (transformers layout, e.g. openai/clip-vit-large-patch14) that encodes
+    captions in prepare.py and sample.py (sample.captions); never loaded in training."""
+    text_tokens: int = 77
+    """Tokens per caption (padded or truncated; CLIP's context is 77)."""
 
 
 @dataclass
