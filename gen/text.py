@@ -59,8 +59,8 @@ class TextEncoder:
         folder = encoder_folder(path)
         self.folder, self.max_tokens = folder, int(max_tokens)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-        self.model.eval().requires_grad_(False).to(device)
+        self.model = CLIPTextModel.from_pretrained(str(folder), local_files_only=True)
+        self.model.float().eval().requires_grad_(False).to(device)
         positions = self.model.config.max_position_embeddings
         if self.max_tokens > positions:
             from gen.config import ConfigError
