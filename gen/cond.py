@@ -108,6 +108,15 @@ class Conditioning:
         text = None if like.text is None else torch.zeros_like(like.text)
         return Cond(torch.full_like(like.labels, self.null_class), text)
 
+    def preview(self, n: int, dataset, device) -> Cond:
+        """The conditions of n preview samples: labels 0, 1, ..., K-1, 0, ... (K the null class); a text run takes
+        the labels and text tokens of the training items 0..n-1 (cycling), so the grid shows training captions."""
+        if not self.text:
+            return Cond(torch.arange(n, device=device) % self.null_class)
+        items = [dataset[i % len(dataset)] for i in range(n)]
+        return Cond(torch.stack([item["label"] for item in items]), torch.stack([item["text"] for item in items])
+                    ).to(device)
+
     def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
         """The dropout mask of n samples (drawn even without dropout, so the random stream has one layout)."""
         return {"drop": torch.rand(n, generator=generator, device=device) < self.dropout}

@@ -211,6 +211,10 @@ class SampleConfig:
     """Images in the PNG grid written next to the .npz."""
     use_ema: bool = True
     """Sample with the EMA weights (all papers evaluate EMA)."""
+    captions: Optional[str] = None
+    """Text runs (cond.text_dim > 0): a UTF-8 file of captions, one per line; sample i takes caption i mod their number
+    (with sample.labels=balanced and K captions in class order, caption and label agree), encoded by
+    cond.text_encoder."""
     metrics: List[str] = field(default_factory=list)
     """Metrics of the samples: fid, sfid, is, pr, fd_dinov2 or adm (the four ADM ones), streamed while sampling
     against eval.reference; digits (class consistency and Frechet distance on the digits quickstart)."""

@@ -26,6 +26,9 @@ PUBLISHED = "https://huggingface.co/openai/clip-vit-large-patch14"
 NEEDED = ("config.json", "vocab.json", "merges.txt")
 """Files the folder must hold, besides one of WEIGHTS."""
 
+TEXT_FEATURE = "text"
+"""The name of a latent cache's text-token shards (gen.data.features_file(TEXT_FEATURE, k), float16 (n, T, D))."""
+
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 """The weight file names transformers reads, either one."""
 
@@ -82,6 +85,22 @@ class TextEncoder:
         return self.model(input_ids=tokens["input_ids"].to(device)).last_hidden_state.float()
 
 
-def read_captions(path: str | Path) -> list[str]:
-    """A captions file: one caption per line (UTF-8; blank lines are empty captions), the line order the items'."""
-    return Path(path).read_text(encoding="utf-8").splitlines()
+def sample_text(cfg, device) -> Tensor | None:
+    """The text tokens (C, T, D) of sample.captions (one caption per line) for a text run (cond.text_dim > 0), encoded
+    by cond.text_encoder; None for a run without text. Sample i reads caption i mod C."""
+    if not cfg.cond.text_dim:
+        return None
+    from gen.config import ConfigError
+
+    if not cfg.sample.captions:
+        raise ConfigError("config key 'sample.captions': this model is text-conditioned (cond.text_dim > 0); give a "
+                          "file of captions, one per line (sample i takes caption i mod their number)")
+    captions = [line.strip() for line in Path(cfg.sample.captions).read_text(encoding="utf-8").splitlines()]
+    captions = [c for c in captions if c]
+    if not captions:
+        raise ConfigError(f"config key 'sample.captions': {cfg.sample.captions} holds no caption")
+    encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_tokens, device)
+    if encoder.dim != cfg.cond.text_dim:
+        raise ConfigError(f"config key 'cond.text_encoder': {encoder.folder} gives tokens of width {encoder.dim}, but "
+                          f"the model reads cond.text_dim={cfg.cond.text_dim}; use the encoder the cache was made with")
+    return encoder(captions)
