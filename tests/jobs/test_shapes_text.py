@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, tiny_clip
+from helpers import REPO, run_job, tiny_clip
+from safetensors.torch import load_file
 
 import prepare as prepare_job
 import sample as sample_job
@@ -17,7 +18,7 @@ from gen.data import DataError, LatentCacheDataset, features_file
 from gen.errors import message
 from gen.shape_data import ProceduralShapesDataset
 from gen.text import TEXT_FEATURE, TextEncoder
-from latents.mosaic_sdf.procedural import CLASSES, ProceduralShapes, caption
+from latents.mosaic_sdf.procedural import CLASSES, ProceduralShapes, caption, write_folder
 
 CONFIG = REPO / "configs" / "quickstart_3d_text.yaml"
 TINY = ["latent.mosaic_sdf.n=16", "latent.mosaic_sdf.k=3", "latent.mosaic_sdf.surface_samples=600",
@@ -105,3 +106,42 @@ def test_a_text_run_trains_from_the_cache_and_samples_captions(tmp_path, clip, m
                                                    f"cond.text_encoder={clip}", f"sample.captions={captions}",
                                                    override])
         assert text in message(err.value)
+
+
+def test_mesh_folder_captions_come_from_captions_tsv(tmp_path):
+    from gen.shape_data import CAPTIONS_FILE, MeshFolderDataset
+
+    root = tmp_path / "m"
+    write_folder(root, 3, seed=0)  # box/000000.obj, sphere/000001.obj, capsule/000002.obj
+    assert MeshFolderDataset(root, latent=None, check_files=False).captions is None  # no file: no captions
+    (root / CAPTIONS_FILE).write_text("sphere/000001.obj\ta round ball\nbox/000000.obj\ta crate\n\n"
+                                      "capsule/000002.obj\ta pill\n")
+    dataset = MeshFolderDataset(root, latent=None, check_files=False)
+    assert dataset.captions == ["a crate", "a pill", "a round ball"]  # in the dataset's (sorted class) order
+    (root / CAPTIONS_FILE).write_text("box/000000.obj\ta crate\n")
+    with pytest.raises(DataError, match=r"captions.tsv has no caption for 2 meshes.*capsule/000002.obj"):
+        MeshFolderDataset(root, latent=None, check_files=False)
+    (root / CAPTIONS_FILE).write_text("box/000000.obj a crate\n")
+    with pytest.raises(DataError, match="line 1 has no tab"):
+        MeshFolderDataset(root, latent=None, check_files=False)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_text(tmp_path, clip, fresh_accelerate):
+    """Text-conditioned training on 1 and 2 processes: same losses and weights (to float reduction order)."""
+    cache = prepare(tmp_path / "cache", clip)
+    runs = {}
+    for processes in (1, 2):
+        run = tmp_path / f"p{processes}"
+        args = [str(CONFIG), *TINY, f"data.path={cache}", f"train.run_dir={run}", "train.max_steps=2",
+                "log.preview_every_steps=0"]
+        result = run_job("train.py", args, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = run
+    loss = {p: [json.loads(x)["loss"] for x in (r / "logs" / "scalars.jsonl").read_text().splitlines()]
+            for p, r in runs.items()}
+    np.testing.assert_allclose(loss[1], loss[2], rtol=1e-5)
+    w1, w2 = (load_file(str(r / "checkpoints" / "step-00000002" / "model.safetensors")) for r in runs.values())
+    assert any("context_blocks" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
