@@ -35,6 +35,8 @@ class Backbone(nn.Module, ABC):
     """Model names it registers -> constructors taking keyword overrides."""
     SIZES_OF: ClassVar[dict[str, str]] = {}
     """Model name -> size tag (S, B, L, XL) that methods key their per-size defaults on."""
+    TEXT: ClassVar[bool] = False
+    """Whether it reads text tokens (gen.cond.Cond.text; built with cond.text_dim > 0)."""
 
     learn_sigma: bool = False  # whether the output carries a variance after the prediction (DiT's 2C channels)
     null_class: int | None  # the label meaning "unconditional", None for an unconditional model

@@ -73,6 +73,7 @@ class SetTransformer(AdaLNStack):
     KEY = "set_transformer"
     Config = SetTransformerConfig
     LAYOUTS = ("set",)
+    TEXT = True
 
     def __init__(self, *, sample_shape: tuple[int, int] = (64, 129), hidden_size: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 1000, qk_norm: bool = False,

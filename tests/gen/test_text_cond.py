@@ -150,3 +150,13 @@ def test_overfits_two_shapes_that_only_their_captions_tell_apart():
 
     nearest = [min(range(2), key=lambda j: float(chamfer(z[i], target[j]))) for i in range(4)]
     assert nearest == [0, 1, 0, 1]
+
+
+def test_config_refuses_text_for_a_backbone_that_reads_none():
+    from helpers import REPO
+
+    from gen.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'cond.text_dim'.*reads no text tokens"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["cond.text_dim=8"])
+    assert load_config(REPO / "configs" / "quickstart_3d.yaml", ["cond.text_dim=8"]).cond.text_dim == 8
