@@ -55,8 +55,14 @@ class TextEncoder:
     """CLIPTokenizer + CLIPTextModel (frozen, eval, float32) read from a local folder (encoder_folder)."""
 
     def __init__(self, path: str | Path | None, max_tokens: int = 77, device=None):
-        from transformers import CLIPTextModel, CLIPTokenizer
-        from transformers.utils import logging
+        try:
+            from transformers import CLIPTextModel, CLIPTokenizer
+            from transformers.utils import logging
+        except ImportError as err:
+            from gen.config import ConfigError
+
+            raise ConfigError(f"config key '{KEY}': the text encoder needs the transformers package ({err}); "
+                              f"pip install -e . installs it (pyproject.toml)") from None
 
         logging.disable_progress_bar()  # one load of a local folder: no per-weight bars in the job's output
         folder = encoder_folder(path)
