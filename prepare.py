@@ -12,6 +12,10 @@ Train on the result with data.name=latent_cache data.path=DIR and the same laten
 data.cache_features=[dinov2-vit-b] (weights from align.encoder_weights) also stores each frozen encoder's patch
 tokens on the configured backbone's token grid (model.*), float16 (N, T, d) per shard, from the same unflipped
 images (REPA uses no augmentation, REPA issue #19): REPA then reads them from the cache and training runs no encoder.
+
+cond.text_encoder=FOLDER (a local CLIP text encoder, gen.text) also stores each item's caption as text-encoder
+tokens, float16 (N, cond.text_tokens, D) per shard (feats-text-*.npy, meta.json "text"), for text-conditioned
+training (cond.text_dim=D), which then reads them from the cache; the datasets give captions (gen.shape_data).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from gen.data import (LATENT_STATE, META, DataError, build_dataset, dataset_chan
 from gen.errors import DEBUG_HELP, one_line_errors
 from gen.io import atomic_write, atomic_write_text, check_writable, to_rgb
 from gen.models import build_backbone, require_grid
+from gen.text import TEXT_FEATURE, TextEncoder
 from latents import build_latent
 
 IN_PROGRESS = "prepare.json"
@@ -99,8 +104,10 @@ def build_encoders(cfg, latent, device) -> dict:
             for name in names}
 
 
-def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = None) -> dict:
-    """What meta.json records: shapes, counts, the latent space's settings, the source and any encoder features."""
+def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = None,
+               text_encoder: TextEncoder | None = None) -> dict:
+    """What meta.json records: shapes, counts, the latent space's settings, the source, any encoder features and
+    the text encoder's tokens."""
     hf = cfg.data.name == "hf"  # its split and columns name the source too
     features = {
         # Computed with an fp32 forward (no autocast), stored as fp16: slightly off REPA's per-step autocast
@@ -126,6 +133,8 @@ def build_meta(cfg, dataset, latent, shard_size: int, encoders: dict | None = No
                    "hflip": False, **({"image_column": cfg.data.image_column, "label_column": cfg.data.label_column}
                                       if hf else {})},
         **({"features": features} if features else {}),  # absent without features: older caches stay valid
+        **({"text": {"shape": [text_encoder.max_tokens, text_encoder.dim], "dtype": "float16",
+                     "encoder": str(text_encoder.folder)}} if text_encoder is not None else {}),
     }
 
 
@@ -152,16 +161,25 @@ def _float16(feats: np.ndarray, name: str, k: int) -> np.ndarray:
 
 
 def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_workers: int, device, bar,
-                 encoders: dict | None = None) -> tuple:
-    """Raw latents, labels and the encoders' float16 features (by name) of shard k."""
+                 encoders: dict | None = None, text_encoder: TextEncoder | None = None) -> tuple:
+    """Raw latents, labels and the encoders' float16 features (by name; the captions' text tokens as TEXT_FEATURE)
+    of shard k."""
     encoders = encoders or {}
     indices = range(k * shard_size, min((k + 1) * shard_size, len(dataset)))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
     raws, labels, done = [], [], 0
     # Filled batch by batch: a shard's float32 features would take twice the memory (DINOv2-B: 0.8 MB per image).
     feats = {name: np.empty((len(indices), enc.num_tokens, enc.dim), np.float16) for name, enc in encoders.items()}
+    if text_encoder is not None:
+        feats[TEXT_FEATURE] = np.empty((len(indices), text_encoder.max_tokens, text_encoder.dim), np.float16)
     for batch in loader:
         labels.append(batch["label"].numpy().astype(np.int64))
+        if text_encoder is not None:
+            if "caption" not in batch:
+                raise DataError("cond.text_encoder is set but the dataset gives no captions (procedural_shapes does; "
+                                "mesh_folder with a captions.tsv); unset cond.text_encoder or add captions")
+            tokens = text_encoder(batch["caption"]).cpu().numpy()
+            feats[TEXT_FEATURE][done:done + len(tokens)] = _float16(tokens, TEXT_FEATURE, k)
         if "raw" in batch:  # datasets that encode their items (3D shapes, gen.shape_data)
             raws.append(batch["raw"].to(latent.raw_dtype).numpy())
             done += len(batch["raw"])
@@ -202,8 +220,12 @@ def prepare(args) -> None:
     # Missing weights or a foreign cache in `out` fail here, before anything is written.
     latent.load_weights(accelerator.device)
     encoders = build_encoders(cfg, latent, accelerator.device)
-    meta = build_meta(cfg, dataset, latent, args.shard_size, encoders)
+    text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_tokens, accelerator.device) \
+        if cfg.cond.text_encoder else None
+    meta = build_meta(cfg, dataset, latent, args.shard_size, encoders, text_encoder)
     feature_shapes = {name: tuple(f["shape"]) for name, f in meta.get("features", {}).items()}
+    if "text" in meta:  # stored like features: one float16 file per shard
+        feature_shapes[TEXT_FEATURE] = tuple(meta["text"]["shape"])
     if check_out(out, meta):
         accelerator.print(f"{out} is already a complete cache of {meta['count']} items")
         return
@@ -224,11 +246,12 @@ def prepare(args) -> None:
     todo = [k for k in shards if not _complete(out, k, size(k), latent.raw_shape, feature_shapes, raw_dtype)]
     accelerator.print(f"{meta['num_shards']} shards of {args.shard_size} over {world} processes; process 0 "
                       f"skips {len(shards) - len(todo)} complete, encodes {len(todo)}")
-    bar = tqdm(total=sum(size(k) for k in todo), desc=f"prepare {out.name}", unit="img",
+    unit = "shape" if latent.modality == "shape" else "img"
+    bar = tqdm(total=sum(size(k) for k in todo), desc=f"prepare {out.name}", unit=unit,
                disable=not accelerator.is_main_process)
     for k in todo:
         raw, labels, feats = encode_shard(dataset, latent, k, args.shard_size, args.batch_size,
-                                          cfg.data.num_workers, accelerator.device, bar, encoders)
+                                          cfg.data.num_workers, accelerator.device, bar, encoders, text_encoder)
         _write_npy(out / labels_file(k), labels)
         for name, array in feats.items():
             _write_npy(out / features_file(name, k), array)

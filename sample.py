@@ -34,6 +34,7 @@ from gen.logging import save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
 from gen.sampling.generate import generate_indexed, sample_labels
+from gen.text import sample_text
 from latents import build_latent
 
 
@@ -90,14 +91,15 @@ def run(weights: str, overrides: list[str]) -> Path:
     load_latent_state(ema_path.parent, latent)
     model = load_model(cfg, ema_path, latent, device)
     objective = build_objective(cfg, model).load_weights(device)
+    text = sample_text(cfg, device)  # text runs: sample.captions encoded (a missing encoder fails here)
     # Inception weights and eval.reference's keys are checked here, before any sampling pass.
     suite = build_suite(streamed, cfg.eval, device, latent.modality) if streamed else None
     with JobLock(accelerator, out.parent, "sample.py", f".{out.stem}.lock"):  # one writer per output
-        return draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, after)
+        return draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, after, text)
 
 
 def draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, suite, out: Path,
-         after: list[str]) -> Path:
+         after: list[str], text=None) -> Path:
     """Draw this process's samples into a part file, then (main process) write the outputs of `out`; the part
     files' folder `.tmp-<name>` is removed however the job ends."""
     tmp_dir = out.parent / f".tmp-{out.stem}"
@@ -106,7 +108,7 @@ def draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, sui
         tmp_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        _draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, tmp_dir, after)
+        _draw(accelerator, cfg, ema_path, model, objective, latent, suite, out, tmp_dir, after, text)
     finally:
         if accelerator.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -115,7 +117,7 @@ def draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, sui
 
 
 def _draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, suite, out: Path, tmp_dir: Path,
-          after: list[str]) -> None:
+          after: list[str], text=None) -> None:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     s = cfg.sample
     labels = sample_labels(s.num_samples, cfg.cond.num_classes, s.labels, s.seed)
@@ -123,7 +125,7 @@ def _draw(accelerator, cfg: Config, ema_path: Path, model, objective, latent, su
     part = None
     bar = tqdm(total=len(mine), disable=not accelerator.is_main_process, desc="sample")
     batches = generate_indexed(model, objective, latent, cfg.sampler, labels, mine, s.seed, s.batch_per_process,
-                               s.rounding, device)
+                               s.rounding, device, text)
     for idx, samples in batches:
         if suite is not None:
             suite.update(samples, torch.as_tensor(idx))

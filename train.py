@@ -113,15 +113,14 @@ def prepare_step(accelerator, trainee, phase: str, step: int, cfg: Config,
     return accelerator.prepare(module, getattr(optimizer, "optimizer", optimizer))  # unwrapped if prepared
 
 
-def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int) -> None:
-    """EMA samples for fixed noise and labels, as a PNG grid (and in TensorBoard)."""
+def preview(accelerator, ema: EMA, objective, latent, cfg: Config, step: int, cond) -> None:
+    """EMA samples for fixed noise and conditions `cond` (Conditioning.preview), as a PNG grid (and in TensorBoard)."""
     if not accelerator.is_main_process:
         return
     n = cfg.log.preview_num
     g = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
     noise = objective.prior(latent.shape, g, n=n, device=accelerator.device)
-    labels = torch.arange(n, device=accelerator.device) % cfg.cond.num_classes
-    images = latent.render(generate(ema.model, objective, latent, labels, noise, cfg.sampler, generator=g))
+    images = latent.render(generate(ema.model, objective, latent, cond, noise, cfg.sampler, generator=g))
     path = save_grid(images, Path(cfg.train.run_dir) / "previews" / f"step-{step:08d}.png")
     if cfg.log.tracker == "tensorboard":
         accelerator.get_tracker("tensorboard").log_images({"preview": make_grid(images)}, step=step,
@@ -323,7 +322,8 @@ def _train(accelerator, cfg: Config, ckpt: Path | None, n: int, lock: JobLock) -
                 tqdm.write(f"step {step}: FID-{cfg.log.fid_num_samples} {fid:.3f}")
         if cfg.log.preview_every_steps and not warming and (step % cfg.log.preview_every_steps == 0
                                                             or step == t.max_steps):
-            preview(accelerator, ema, objective, latent, cfg, step)
+            preview(accelerator, ema, objective, latent, cfg, step,
+                    conditioning.preview(cfg.log.preview_num, dataset, device))
             accelerator.wait_for_everyone()
     bar.close()
     accelerator.end_training()

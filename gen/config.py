@@ -44,6 +44,14 @@ class CondConfig:
     """Number of classes; label `num_classes` is the null (unconditional) class."""
     label_dropout: float = 0.1
     """Probability of replacing a sample's condition by the null one (classifier-free guidance training)."""
+    text_dim: int = 0
+    """Width D of the text-encoder tokens the backbone cross-attends to (gen.text; CLIP ViT-L/14: 768); 0: no text.
+    Training reads the tokens from a latent cache that prepare.py wrote with cond.text_encoder set."""
+    text_encoder: Optional[str] = None
+    """Local folder of the CLIP text encoder (transformers layout, e.g. openai/clip-vit-large-patch14) that encodes
+    captions in prepare.py and sample.py (sample.captions); never loaded in training."""
+    text_tokens: int = 77
+    """Tokens per caption (padded or truncated; CLIP's context is 77)."""
 
 
 @dataclass
@@ -206,6 +214,10 @@ class SampleConfig:
     """Images in the PNG grid written next to the .npz."""
     use_ema: bool = True
     """Sample with the EMA weights (all papers evaluate EMA)."""
+    captions: Optional[str] = None
+    """Text runs (cond.text_dim > 0): a UTF-8 file of captions, one per line; sample i takes caption i mod their number
+    (with sample.labels=balanced and K captions in class order, caption and label agree), encoded by
+    cond.text_encoder."""
     metrics: List[str] = field(default_factory=list)
     """Metrics of the samples: fid, sfid, is, pr, fd_dinov2 or adm (the four ADM ones), streamed while sampling
     against eval.reference; digits (class consistency and Frechet distance on the digits quickstart)."""

@@ -21,6 +21,7 @@ from gen.config import ConfigError
 from gen.hf_data import HFDataset
 from gen.io import load_state
 from gen.shape_data import MeshFolderDataset, ProceduralShapesDataset
+from gen.text import TEXT_FEATURE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes an image folder is scanned for (case-insensitive; torchvision's list)."""
@@ -286,9 +287,13 @@ class LatentCacheDataset(Dataset):
         feature_fix = ("re-run prepare.py with this run's latent.*, data.image_size and data.cache_features into a "
                        "new --out folder")
         labels = []
+        text = meta.get("text")  # present when prepare.py encoded captions (gen.text)
+        self.text_shape = tuple(text["shape"]) if text else None
         for k in range(math.ceil(self.count / self.shard_size)):
             n = min(self.shard_size, self.count - k * self.shard_size)
             self._check(shard_file(k), (n, *self.raw_shape), self.raw_dtype, fix)
+            if text:
+                self._check(features_file(TEXT_FEATURE, k), (n, *self.text_shape), np.float16, fix)
             labels.append(np.asarray(self._check(labels_file(k), (n,), np.int64, fix)))
             for name, f in features.items():
                 self._check(features_file(name, k), (n, *f["shape"]), np.dtype(f["dtype"]), feature_fix)
@@ -320,6 +325,11 @@ class LatentCacheDataset(Dataset):
         if not cfg.data.path:
             raise ConfigError("config key 'data.path': data.name=latent_cache needs the folder prepare.py wrote")
         dataset = cls(cfg.data.path, expected_raw_shape=build_latent(cfg).raw_shape)
+        if cfg.cond.text_dim and (dataset.text_shape or (0, 0))[1] != cfg.cond.text_dim:
+            held = f"text tokens {dataset.text_shape}" if dataset.text_shape else "no text tokens"
+            raise DataError(f"latent cache {dataset.path} holds {held}, but cond.text_dim={cfg.cond.text_dim}; run "
+                            f"prepare.py with cond.text_encoder=FOLDER (an encoder of that width) into a new --out "
+                            f"folder, or set cond.text_dim to the cache's width (0: no text)")
         made_with = dataset.meta.get("latent", {}).get("name")
         if made_with != cfg.latent.name:
             raise DataError(f"latent cache {dataset.path / META} was made with latent {made_with!r} but "
@@ -352,6 +362,8 @@ class LatentCacheDataset(Dataset):
         if self.feature_names:
             item["feats"] = {name: torch.from_numpy(self._shard(features_file(name, k))[j].astype(np.float32))
                              for name in self.feature_names}
+        if self.text_shape:
+            item["text"] = torch.from_numpy(self._shard(features_file(TEXT_FEATURE, k))[j].astype(np.float32))
         return item
 
 

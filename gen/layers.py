@@ -179,6 +179,54 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, t, d)))  # x: (N, H, T, Dh)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens (N, T, D) over a context (N, S, D): queries from the tokens, keys and values from
+    the context (Stable Diffusion's cross-attention, Rombach et al. 2022, section 3.3), optional per-head QK-norm.
+
+    Each token attends on its own: the output of a token depends on it and the context only, not on the other tokens
+    or their order."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """(N, T, D) tokens over (N, S, D) context -> (N, T, D)."""
+        n, t, d = x.shape
+        q = self.q_norm(self.q(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2))  # (N, H, T, Dh)
+        kv = self.kv(context).reshape(n, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = self.k_norm(kv[0]), kv[1]  # (N, H, S, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class ContextBlock(nn.Module):
+    """x + CrossAttention(LN(x), context): the pre-LN cross-attention sub-block a transformer inserts after each of its
+    blocks to read a context (text tokens). `zero_init` clears the output projection, so a fresh block is the
+    identity and a fresh model computes what it computes without a context (the adaLN-Zero idea)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = CrossAttention(dim, num_heads, qk_norm=qk_norm)
+
+    def zero_init(self) -> None:
+        """Zero the output projection (weights and bias): the block then returns its input."""
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """Tokens (N, T, D) reading context (N, S, D)."""
+        return x + self.attn(self.norm(x), context)
+
+
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (timm's Mlp names: fc1, fc2); `approximate="none"`: exact GELU
     (timm's default, as in MAE/MAGE ViTs)."""

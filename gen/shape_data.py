@@ -1,15 +1,19 @@
 """3D shape datasets for latent spaces of modality "shape" (latents.mosaic_sdf): procedural shapes and mesh folders.
 
-Items are {"raw": the latent's raw encoding of the mesh (Mosaic-SDF tokens (n, 4 + k^3) float32), "label", "index"}:
+Items are {"raw": the latent's raw encoding of the mesh (Mosaic-SDF tokens (n, 4 + k^3) float32), "label", "index",
+"caption" (a string, where the dataset has captions)}:
 the conversion runs in `__getitem__`, so prepare.py's DataLoader workers convert meshes in parallel, and training
 reads the raw encodings through the same path as a latent cache's. `mesh(i)` gives item i's mesh as read.
 
 - data.name=procedural_shapes: latents.mosaic_sdf.procedural's shape classes with random proportions, item i a pure
-  function of (split seed, i); data.num_items shapes per split; data.split train (seed 0) or heldout (seed 1).
+  function of (split seed, i); data.num_items shapes per split; data.split train (seed 0) or heldout (seed 1); each
+  item's caption is templated from its class and proportions (procedural.caption: "a large tall cylinder").
 - data.name=mesh_folder: data.path/<class>/**/<mesh file> with trimesh (obj, off, ply, stl, glb; ShapeNetCore v2's
   <synset>/<model id>/models/model_normalized.obj layout works as is); labels are the sorted class folders' indices.
   data.prescan reads every mesh first and refuses an empty or (with latent.mosaic_sdf.open_meshes=refuse) a
-  non-watertight one, naming the file, before anything is written.
+  non-watertight one, naming the file, before anything is written. Captions (for text conditioning, gen.text) come
+  from an optional file data.path/captions.tsv, one line per mesh: its path relative to data.path, a tab, the
+  caption (UTF-8); when the file exists every mesh needs a line.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from torch.utils.data import Dataset
 from gen.config import ConfigError
 
 # gen.data (DataError, _item) is imported inside the functions: its registry imports this module.
+
+CAPTIONS_FILE = "captions.tsv"
+"""A mesh folder's optional captions: `relative/path/of/mesh<TAB>caption` per line."""
 
 MESH_EXTENSIONS = (".obj", ".off", ".ply", ".stl", ".glb")
 """Mesh file suffixes a mesh folder is scanned for (case-insensitive)."""
@@ -75,6 +82,31 @@ def _check_shape_latent(cfg, latent) -> None:
                           f"{cfg.latent.name} encodes {latent.modality}s; use latent.name=mosaic-sdf")
 
 
+def read_captions(root: Path, files: list[str]) -> list[str] | None:
+    """The captions of `files` (paths under `root`) from root/captions.tsv, None without that file; a DataError names
+    the file and the first meshes it lacks, or a line without a tab."""
+    from gen.data import DataError
+
+    path = root / CAPTIONS_FILE
+    if not path.is_file():
+        return None
+    table = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, tab, text = line.partition("\t")
+        if not tab:
+            raise DataError(f"{path} line {number} has no tab; each line is <mesh path relative to {root}><TAB>"
+                            f"<caption>")
+        table[Path(name).as_posix()] = text.strip()
+    relative = [Path(f).relative_to(root).as_posix() for f in files]
+    missing = [r for r in relative if r not in table]
+    if missing:
+        raise DataError(f"{path} has no caption for {len(missing)} meshes, e.g. {missing[:3]}; add a line "
+                        f"<path><TAB><caption> for each mesh, or remove the file")
+    return [table[r] for r in relative]
+
+
 class ProceduralShapesDataset(Dataset):
     """data.num_items procedural meshes of a split, encoded by the run's latent space on access."""
 
@@ -116,8 +148,13 @@ class ProceduralShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         from gen.data import _item
 
-        raw = _encode(self.latent, self.mesh(index), f"procedural shape {index} ({self.split})")
-        return _item("raw", raw, int(self.labels[index]), index)
+        from latents.mosaic_sdf.procedural import caption
+
+        mesh = self.mesh(index)
+        raw = _encode(self.latent, mesh, f"procedural shape {index} ({self.split})")
+        item = _item("raw", raw, int(self.labels[index]), index)
+        item["caption"] = caption(mesh, self.classes[int(self.labels[index])])
+        return item
 
 
 class MeshFolderDataset(Dataset):
@@ -149,6 +186,7 @@ class MeshFolderDataset(Dataset):
             for path in files:
                 load_mesh(path, self.allow_open)
         self.files = files
+        self.captions = read_captions(self.root, files)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.num_classes = len(self.classes)
 
@@ -182,4 +220,7 @@ class MeshFolderDataset(Dataset):
         from gen.data import _item
 
         raw = _encode(self.latent, self.mesh(index), f"mesh {self.files[index]}")
-        return _item("raw", raw, int(self.labels[index]), index)
+        item = _item("raw", raw, int(self.labels[index]), index)
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item

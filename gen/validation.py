@@ -57,6 +57,11 @@ def validate(cfg: Config) -> None:
           f"{cfg.sampler.sampler!r} is not a {cfg.objective.name} sampler; one of {sorted(objective.SAMPLERS)}")
     in_range("cond.label_dropout", cfg.cond.label_dropout, 0.0, 1.0, below=True)
     in_range("cond.num_classes", cfg.cond.num_classes, 1)
+    in_range("cond.text_dim", cfg.cond.text_dim, 0)
+    in_range("cond.text_tokens", cfg.cond.text_tokens, 1)
+    check(not cfg.cond.text_dim or family.TEXT, "cond.text_dim",
+          f"{cfg.model.name!r} ({family.KEY}) reads no text tokens; set cond.text_dim=0 or use a text-conditioned "
+          f"backbone (set_transformer)")
     _validate_sampler(cfg)
     _validate_data(cfg)
     _validate_train(cfg)

@@ -90,3 +90,26 @@ def assert_two_processes_match_one(tmp_path, args, lr: float, steps: int):
             keep = torch.arange(3 * d) // d != 1
             a, b = a[keep], b[keep]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def tiny_clip(folder, dim=16, positions=12):
+    """A random-init CLIP text encoder saved in the transformers layout (config.json, model.safetensors, vocab.json,
+    merges.txt): a character-level BPE vocabulary without merges, 2 layers of width `dim`, for gen.text's loader."""
+    import json
+    import string
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = list(string.ascii_lowercase)
+    vocab = letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=positions, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    torch.manual_seed(0)
+    CLIPTextModel(cfg).save_pretrained(str(folder))
+    return folder

@@ -42,6 +42,8 @@ class Backbone(nn.Module, ABC):
     """Model names it registers -> constructors taking keyword overrides."""
     SIZES_OF: ClassVar[dict[str, str]] = {}
     """Model name -> size tag (S, B, L, XL) that methods key their per-size defaults on."""
+    TEXT: ClassVar[bool] = False
+    """Whether it reads text tokens (gen.cond.Cond.text; built with cond.text_dim > 0)."""
 
     ENCODES_IMAGES: ClassVar[bool] = False
     """Whether `encode_images` gives features of real images (a pixel encoder, e.g. ADDP's): what the linear probe

@@ -8,9 +8,12 @@ the patch embedding replaced by a Linear(d -> D) per row, no position table, ful
 adaLN-Zero blocks (gen.layers) conditioned on time + class (a learned null class for classifier-free guidance), and a
 final Linear(D -> d) per row.
 
-Text conditioning (the paper's text-to-shape model: cross-attention over precomputed text-encoder tokens) is the
-next step: it needs a text field in gen.cond.Cond, text tokens cached by prepare.py and a cross-attention layer per
-block; not built here.
+Text conditioning (the paper's text-to-shape model: cross-attention over precomputed text-encoder tokens; the paper's
+encoder and layer layout are not checked here): with text_dim > 0 (cond.text_dim) the text tokens (N, S, text_dim) of
+gen.cond.Cond.text go through one Linear(text_dim -> D), and after each adaLN-Zero block every row reads them through a
+pre-LN cross-attention sub-block (gen.layers.ContextBlock) whose output projection starts at zero, so a fresh
+text-conditioned model computes what the class-only one does. Cross-attention treats each row on its own, so the
+network stays permutation equivariant in the rows.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 
 from gen.cond import as_cond
 from gen.config import ComponentConfig, check
-from gen.layers import AdaLNBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
+from gen.layers import AdaLNBlock, ContextBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
 from gen.models.base import BackboneOutput
 from gen.models.dit import SIZES, AdaLNStack
 from gen.validation import in_range
@@ -70,9 +73,11 @@ class SetTransformer(AdaLNStack):
     KEY = "set_transformer"
     Config = SetTransformerConfig
     LAYOUTS = ("set",)
+    TEXT = True
 
     def __init__(self, *, sample_shape: tuple[int, int] = (64, 129), hidden_size: int = 384, depth: int = 12,
-                 num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 1000, qk_norm: bool = False):
+                 num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 1000, qk_norm: bool = False,
+                 text_dim: int = 0):
         super().__init__()
         if len(sample_shape) != 2:
             raise ValueError(f"a set transformer takes (n, d) token sets, got samples of shape {tuple(sample_shape)}")
@@ -90,6 +95,12 @@ class SetTransformer(AdaLNStack):
                                     for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, 1, width)  # patch size 1: Linear(D -> d) per row
         self.initialize_weights()
+        self.text_dim = int(text_dim)
+        if self.text_dim:  # made and initialised last: the other weights are those of the class-only model
+            self.text_embedder = nn.Linear(self.text_dim, hidden_size)
+            self.context_blocks = nn.ModuleList(ContextBlock(hidden_size, num_heads, qk_norm=qk_norm)
+                                                for _ in range(depth))
+            self.initialize_text()
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier Linears, N(0, 0.02) embedders, zeroed adaLN and output layers (the model outputs 0)."""
@@ -106,13 +117,25 @@ class SetTransformer(AdaLNStack):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def initialize_text(self) -> None:
+        """The text modules as initialize_weights would: xavier Linears, each context block's output zeroed (the
+        block is then the identity)."""
+        for module in [self.text_embedder, *self.context_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.context_blocks:
+            block.zero_init()
+
     @classmethod
     def from_config(cls, cfg, sample_shape: tuple[int, ...]) -> SetTransformer:
-        """cfg.model.name with cfg.model.set_transformer's options, for token sets (n, d), cfg.cond.num_classes."""
+        """cfg.model.name with cfg.model.set_transformer's options, for token sets (n, d), cfg.cond.num_classes and
+        cfg.cond.text_dim."""
         o = cfg.model.set_transformer
         overrides = {k: getattr(o, k) for k in ("depth", "hidden_size", "num_heads") if getattr(o, k) is not None}
         return cls.MODELS[cfg.model.name](sample_shape=tuple(sample_shape), num_classes=cfg.cond.num_classes,
-                                          mlp_ratio=o.mlp_ratio, qk_norm=o.qk_norm, **overrides)
+                                          mlp_ratio=o.mlp_ratio, qk_norm=o.qk_norm, text_dim=cfg.cond.text_dim,
+                                          **overrides)
 
     @classmethod
     def config_blocks(cls, cfg) -> int:
@@ -125,16 +148,33 @@ class SetTransformer(AdaLNStack):
         last = self.check_taps(taps, stop_at)
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"input token sets of shape {tuple(x.shape[1:])}, model built for {self.sample_shape}")
+        cond = as_cond(cond)
         h = self.x_embedder(x)  # (N, n, D)
-        c = self.t_embedder(t) + self.y_embedder(as_cond(cond).labels)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(cond.labels)  # (N, D)
+        context = self._context(cond, x)
         feats: dict[int, Tensor] = {}
         for k, block in enumerate(self.blocks[:last], start=1):
             h = block(h, c)
+            if context is not None:
+                h = self.context_blocks[k - 1](h, context)
             if k in taps:
                 feats[k] = h
         if stop_at is not None:
             return BackboneOutput(None, feats)
         return BackboneOutput(self.final_layer(h, c), feats)
+
+
+    def _context(self, cond, x: Tensor) -> Tensor | None:
+        """The embedded text tokens (N, S, D) of a text-conditioned model, None for a class-only one."""
+        if not self.text_dim:
+            if cond.text is not None:
+                raise ValueError("text tokens given to a set transformer built without text (cond.text_dim=0)")
+            return None
+        if cond.text is None or cond.text.shape[-1] != self.text_dim or cond.text.shape[0] != x.shape[0]:
+            got = None if cond.text is None else tuple(cond.text.shape)
+            raise ValueError(f"this set transformer reads text tokens (N, S, {self.text_dim}) for N = {x.shape[0]}; "
+                             f"got {got}")
+        return self.text_embedder(cond.text.to(x.dtype))
 
 
 SetTransformer.MODELS = {f"SetT-{size}": partial(_build, size) for size in SIZES}

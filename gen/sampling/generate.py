@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gen.cond import as_cond
+from gen.cond import Cond, as_cond
 from gen.config import SamplerConfig
 from gen.precision import precision
 from gen.sampling.noise import Generators, sample_generators
@@ -39,8 +39,9 @@ def sample_labels(num_samples: int, num_classes: int, scheme: str, seed: int) ->
 
 def generate_indexed(model: nn.Module, objective, latent, scfg: SamplerConfig, labels: np.ndarray,
                      indices: Sequence[int], seed: int, batch_size: int, rounding: str,
-                     device) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Yield (global indices, decoded samples) for `indices` in batches; sample i depends only on (seed, i).
+                     device, text: Tensor | None = None) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """Yield (global indices, decoded samples) for `indices` in batches; sample i depends only on (seed, i). With
+    `text` (C, T, D) (gen.text.sample_text), sample i is also conditioned on text[i mod C].
 
     Its generator draws the prior sample and every SDE/DDPM noise, so the samples are the same whatever the
     batch size or the split of indices over processes.
@@ -51,4 +52,5 @@ def generate_indexed(model: nn.Module, objective, latent, scfg: SamplerConfig, l
         gens = sample_generators(seed, idx, device)
         x_T = objective.prior(latent.shape, gens, device=device)
         y = torch.as_tensor(labels[idx], device=device)
-        yield idx, generate(model, objective, latent, y, x_T, scfg, generator=gens, rounding=rounding)
+        cond = Cond(y) if text is None else Cond(y, text[torch.as_tensor(idx % len(text))].to(device))
+        yield idx, generate(model, objective, latent, cond, x_T, scfg, generator=gens, rounding=rounding)

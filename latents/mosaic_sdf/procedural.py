@@ -36,6 +36,17 @@ def make_shape(name: str, rng: np.random.Generator):
     return mesh
 
 
+def caption(mesh, name: str) -> str:
+    """A templated caption of a procedural mesh from its class and its bounding box (z is up for every class):
+    "a {small|large} {tall|flat|squat} {class}", e.g. "a large tall cylinder". Tall: height > 1.25 x the larger
+    horizontal extent; flat: < 0.8 x; squat otherwise. Small: the largest extent is below 0.8, large otherwise."""
+    x, y, z = (float(e) for e in mesh.extents)
+    ratio = z / max(x, y)
+    form = "tall" if ratio > 1.25 else "flat" if ratio < 0.8 else "squat"
+    size = "small" if max(x, y, z) < 0.8 else "large"
+    return f"a {size} {form} {name}"
+
+
 class ProceduralShapes:
     """`size` procedural meshes over `classes`, item i -> (trimesh.Trimesh, label) deterministic in (seed, i)."""
 

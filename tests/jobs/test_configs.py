@@ -54,7 +54,8 @@ def test_every_config_builds_tiny_and_steps(path: Path):
     for phase in sorted({trainee.phase_at(0), "full"}):
         trainee.set_phase(phase)
         draws = StepDraws(objective={}, latent={}, uniform=torch.rand(2))
-        loss, terms = trainee(x0, Cond(torch.tensor([0, 1])), 0, draws, target_feats=feats)
+        text = torch.randn(2, cfg.cond.text_tokens, cfg.cond.text_dim) if cfg.cond.text_dim else None
+        loss, terms = trainee(x0, Cond(torch.tensor([0, 1]), text), 0, draws, target_feats=feats)
         loss.mean().backward()
         assert loss.shape == (2,) and torch.isfinite(loss).all()
         assert set(cfg.align.methods) <= {k.split("/")[0] for k in terms}
