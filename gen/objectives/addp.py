@@ -55,7 +55,8 @@ class ADDPConfig(ComponentConfig):
     predictor: str = "mage"
     """Frozen token predictor: mage (weights from predictor_weights) or oracle (the test double, oracle_epsilon)."""
     predictor_model: str = "MAGE-B"
-    """mage: the predictor's model name (MAGE-B: mage-vitb-1600.pth, MAGE-L: mage-vitl-1600.pth)."""
+    """mage: the predictor's model name (MAGE-B: mage-vitb-1600.pth, MAGE-L: mage-vitl-1600.pth); its sizes are
+    that model's with model.mage's overrides (depth, widths, heads: a predictor trained here by masked_tokens)."""
     predictor_weights: Optional[str] = None
     """mage: local weights, a released MAGE checkpoint or a state dict of gen.models.mage."""
     oracle_epsilon: float = 0.0
@@ -140,7 +141,9 @@ class ADDPObjective(Objective):
                 from gen.models.mage import MaskedTokenTransformer, load_mage
 
                 name = self.options.predictor_model
-                net = MaskedTokenTransformer.MODELS[name](grid=self.latent.shape, codebook_size=self.codebook_size)
+                # Sizes: predictor_model's table with model.mage's overrides (those of the predictor's own run).
+                net = MaskedTokenTransformer.MODELS[name](grid=self.latent.shape, codebook_size=self.codebook_size,
+                                                          **self.cfg.model.mage.sizes(name))
                 key = "objective.addp.predictor_weights"
                 self.predictor = load_mage(net, self.options.predictor_weights, key).eval().requires_grad_(False)
         self.latent.load_weights(device)
