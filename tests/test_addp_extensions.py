@@ -156,6 +156,18 @@ def test_dropout_draws_only_while_training_and_zero_builds_none():
         load_config(None, [*TOY, "model.addp.dropout=1.0"])
 
 
+def test_embedding_init_scale():
+    """model.addp.embed_init_std scales every N(0, 0.02) table of the reference's init, and only those."""
+    plain, wide = toy()[0], toy("model.addp.embed_init_std=1.0")[0]
+    tables = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed_learned", "decoder_pos_mask_embed",
+              "decoder_pos_token_embed", "token_emb.weight")
+    for key in tables:
+        assert plain.state_dict()[key].std() < 0.03 and 0.7 < wide.state_dict()[key].std() < 1.3, key
+    assert torch.equal(plain.state_dict()["norm.weight"], wide.state_dict()["norm.weight"])
+    with pytest.raises(ConfigError, match="model.addp.embed_init_std"):
+        load_config(None, [*TOY, "model.addp.embed_init_std=0"])
+
+
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_resume_with_dropout_equals_the_uninterrupted_run(tmp_path):
     """Dropout masks come from the global RNG, which checkpoints hold for every process: 2 + 2 steps equal 4."""

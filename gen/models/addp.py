@@ -65,6 +65,10 @@ class ADDPNetConfig(ComponentConfig):
     """Decoder blocks; null keeps the size table's value (ADDP: 8)."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (ADDP: 16)."""
+    embed_init_std: float = 0.02
+    """Std of the normal init of the id table, cls/mask tokens and position tables (ADDP: 0.02). The head scores
+    against the detached id table, so its logits scale with the table's norm: tiny widths learn much faster with a
+    larger value (quickstart: 1.0; gen.models.mage has the same key)."""
     dropout: float = 0.0
     """Dropout while training (ADDP: 0.1): after the embeddings' tokenizer_norm, and in every encoder and decoder
     block on the attention weights, the attention output and the MLP (gen.layers.Block). With dropout > 0 a run is
@@ -81,6 +85,7 @@ class ADDPNetConfig(ComponentConfig):
         for key in ("depth", "hidden_size", "num_heads", "decoder_depth", "decoder_num_heads"):
             in_range(f"model.addp.{key}", getattr(self, key), 1, nullable=True)
         in_range("model.addp.dropout", self.dropout, 0.0, 1.0, below=True)
+        in_range("model.addp.embed_init_std", self.embed_init_std, 0.0, above=True)
         s = self.sizes(cfg.model.name)
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",
@@ -104,7 +109,7 @@ class ADDPNet(Backbone):
 
     def __init__(self, grid: tuple[int, int], codebook_size: int, patch_size: int, depth: int, hidden_size: int,
                  num_heads: int, decoder_depth: int, decoder_num_heads: int, class_slots: int = 1000,
-                 num_classes: int | None = None, dropout: float = 0.0):
+                 num_classes: int | None = None, dropout: float = 0.0, embed_init_std: float = 0.02):
         super().__init__()
         self.sample_shape = self.token_grid = tuple(grid)
         self.codebook_size, self.patch_size = int(codebook_size), int(patch_size)
@@ -131,11 +136,11 @@ class ADDPNet(Backbone):
         self.mlm_layer = MlmLayer(d, d, self.vocab_size)
         self.register_buffer("mean", torch.tensor(MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).reshape(1, 3, 1, 1), persistent=False)
-        self.initialize_weights()
+        self.initialize_weights(embed_init_std)
 
-    def initialize_weights(self) -> None:
-        """The reference's init: N(0, 0.02) tables and tokens, xavier-uniform Linears (and the patch conv as a
-        Linear) with zero bias, unit LayerNorms."""
+    def initialize_weights(self, embed_std: float = 0.02) -> None:
+        """The reference's init: N(0, embed_std^2) tables and tokens (0.02), xavier-uniform Linears (and the patch
+        conv as a Linear) with zero bias, unit LayerNorms."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -147,7 +152,7 @@ class ADDPNet(Backbone):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for p in (self.cls_token, self.pos_embed, self.mask_token, self.decoder_pos_embed_learned,
                   self.decoder_pos_mask_embed, self.decoder_pos_token_embed, self.token_emb.weight):
-            nn.init.normal_(p, std=0.02)
+            nn.init.normal_(p, std=embed_std)
 
     @classmethod
     def from_config(cls, cfg, sample_shape) -> ADDPNet:
@@ -155,7 +160,7 @@ class ADDPNet(Backbone):
         o = cfg.model.addp
         return cls(tuple(sample_shape), cfg.latent.vq.codebook_size, o.patch_size, class_slots=o.class_slots,
                    num_classes=cfg.cond.num_classes if o.class_conditional else None, dropout=o.dropout,
-                   **o.sizes(cfg.model.name))
+                   embed_init_std=o.embed_init_std, **o.sizes(cfg.model.name))
 
     @classmethod
     def config_blocks(cls, cfg) -> int:
