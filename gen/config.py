@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from gen.eval.config import EvalConfig  # the eval section lives next to the evaluation code
+from gen.eval_config import EvalConfig  # a module of its own: gen.eval is a registry package
 
 
 class ConfigError(ValueError):

@@ -1,5 +1,6 @@
 """The `eval` section of a run's config: evaluate.py, the metrics sample.py streams into, training-time FID tracking
-and the linear probe (gen.eval). A plain dataclass with no imports from the package, so gen.config can compose it."""
+and the linear probe (gen.eval). Outside the gen.eval package, whose import gen.config must not trigger (it imports
+no registry at import time)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
