@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from gen.cond import as_cond
-from gen.config import ComponentConfig, check
+from gen.config import check
 from gen.layers import Block, PatchEmbed
 from gen.models.base import Backbone, BackboneOutput, ImageFeatures
-from gen.models.mage import MlmLayer
+from gen.models.mage import MlmLayer, TokenNetConfig
 from gen.validation import in_range
 
 SIZES: dict[str, dict[str, int]] = {
@@ -44,7 +44,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ADDPNetConfig(ComponentConfig):
+class ADDPNetConfig(TokenNetConfig):
     """ADDP encoder-decoders (model.name ADDP-T/B/L); sizes override the size table."""
 
     patch_size: int = 16
@@ -65,15 +65,6 @@ class ADDPNetConfig(ComponentConfig):
     """Decoder blocks; null keeps the size table's value (ADDP: 8)."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (ADDP: 16)."""
-    embed_init_std: float = 0.02
-    """Std of the normal init of the id table, cls/mask tokens and position tables (ADDP: 0.02). The head scores
-    against the detached id table, so its logits scale with the table's norm: tiny widths learn much faster with a
-    larger value (quickstart: 1.0; gen.models.mage has the same key)."""
-    dropout: float = 0.0
-    """Dropout while training (ADDP: 0.1): after the embeddings' tokenizer_norm, and in every encoder and decoder
-    block on the attention weights, the attention output and the MLP (gen.layers.Block). With dropout > 0 a run is
-    not invariant to the number of processes (each micro-batch's masks come from a seed of the step and its first
-    sample, gen.step.StepDraws.global_rng); resume stays exact."""
 
     def sizes(self, name: str) -> dict[str, int]:
         """The size table's entry of model `name` with this section's overrides."""
@@ -84,8 +75,7 @@ class ADDPNetConfig(ComponentConfig):
         """Positive sizes, widths the heads divide, and patches the size of the tokenizer's cells."""
         for key in ("depth", "hidden_size", "num_heads", "decoder_depth", "decoder_num_heads"):
             in_range(f"model.addp.{key}", getattr(self, key), 1, nullable=True)
-        in_range("model.addp.dropout", self.dropout, 0.0, 1.0, below=True)
-        in_range("model.addp.embed_init_std", self.embed_init_std, 0.0, above=True)
+        self.validate_token_options("model.addp")
         s = self.sizes(cfg.model.name)
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",

@@ -51,7 +51,27 @@ SIZE_KEYS = tuple(SIZES["B"])
 
 
 @dataclass
-class MageConfig(ComponentConfig):
+class TokenNetConfig(ComponentConfig):
+    """What MAGE's and ADDP's token transformers share: dropout and the scale of the N(0, 0.02) table init."""
+
+    embed_init_std: float = 0.02
+    """Std of the normal init of the id table and the token/decoder position tables (MAGE, ADDP: 0.02; ADDP's pixel
+    encoder too). The head scores against the detached id table, so its logits scale with the table's norm: tiny
+    widths learn much faster with a larger value (the digits quickstarts: 1.0)."""
+    dropout: float = 0.0
+    """Dropout while training (MAGE, ADDP: 0.1): after the embeddings' LayerNorm and in every encoder and decoder
+    block (attention weights, attention output, MLP; gen.layers.Block). Not invariant to the number of processes
+    (each micro-batch's masks come from a seed of its step and first sample); resume stays exact
+    (gen.step.StepDraws.global_rng)."""
+
+    def validate_token_options(self, section: str) -> None:
+        """Dropout in [0, 1) and a positive init scale, named under `section` (model.mage / model.addp)."""
+        in_range(f"{section}.dropout", self.dropout, 0.0, 1.0, below=True)
+        in_range(f"{section}.embed_init_std", self.embed_init_std, 0.0, above=True)
+
+
+@dataclass
+class MageConfig(TokenNetConfig):
     """MAGE token transformers (model.name MAGE-T/B/L) on vq token ids; sizes override the size table."""
 
     class_slots: Optional[int] = None
@@ -73,14 +93,6 @@ class MageConfig(ComponentConfig):
     """Decoder width; null keeps the size table's value."""
     decoder_num_heads: Optional[int] = None
     """Decoder heads; null keeps the size table's value (MAGE: 16)."""
-    embed_init_std: float = 0.02
-    """Std of the normal init of the id table, the positions and the decoder positions (MAGE: 0.02). The head scores
-    against the detached id table, so its logits scale with the table's norm: tiny widths learn much faster with a
-    larger value (quickstart: 1.0)."""
-    dropout: float = 0.0
-    """Dropout while training (MAGE: 0.1): after the embeddings' LayerNorm and in every encoder and decoder block
-    (attention weights, attention output, MLP). Not invariant to the number of processes; resume stays exact
-    (gen.step.StepDraws.global_rng)."""
 
     def slots(self, cfg) -> int:
         """The class slots of the vocabulary."""
@@ -102,8 +114,7 @@ class MageConfig(ComponentConfig):
             check(s[f"{prefix}hidden_size"] % s[f"{prefix}num_heads"] == 0, f"model.mage.{prefix}hidden_size",
                   f"{s[f'{prefix}hidden_size']} is not divisible by {s[f'{prefix}num_heads']} heads")
         in_range("model.mage.class_slots", self.class_slots, 1, nullable=True)
-        in_range("model.mage.dropout", self.dropout, 0.0, 1.0, below=True)
-        in_range("model.mage.embed_init_std", self.embed_init_std, 0.0, above=True)
+        self.validate_token_options("model.mage")
         slots = self.slots(cfg)
         if self.unconditional:
             check(0 <= self.fake_class_slot < slots, "model.mage.fake_class_slot",
