@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_job, tiny_clip
+from helpers import REPO, assert_two_processes_match_one, tiny_clip
 from safetensors.torch import load_file
 
 import prepare as prepare_job
@@ -130,18 +130,7 @@ def test_mesh_folder_captions_come_from_captions_tsv(tmp_path):
 def test_two_processes_match_one_with_text(tmp_path, clip, fresh_accelerate):
     """Text-conditioned training on 1 and 2 processes: same losses and weights (to float reduction order)."""
     cache = prepare(tmp_path / "cache", clip)
-    runs = {}
-    for processes in (1, 2):
-        run = tmp_path / f"p{processes}"
-        args = [str(CONFIG), *TINY, f"data.path={cache}", f"train.run_dir={run}", "train.max_steps=2",
-                "log.preview_every_steps=0"]
-        result = run_job("train.py", args, processes=processes)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = run
-    loss = {p: [json.loads(x)["loss"] for x in (r / "logs" / "scalars.jsonl").read_text().splitlines()]
-            for p, r in runs.items()}
-    np.testing.assert_allclose(loss[1], loss[2], rtol=1e-5)
-    w1, w2 = (load_file(str(r / "checkpoints" / "step-00000002" / "model.safetensors")) for r in runs.values())
-    assert any("context_blocks" in k for k in w1)
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+    args = [str(CONFIG), *TINY, f"data.path={cache}", "train.max_steps=2", "log.preview_every_steps=0"]
+    assert_two_processes_match_one(tmp_path, args, lr=1e-3, steps=2)
+    weights = load_file(str(tmp_path / "p1" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert any("context_blocks" in k for k in weights)
