@@ -6,8 +6,8 @@
 
 Rows: the plain step (denoising loss only); each aligner of `align.methods` with cached targets (its heads,
 loss and backward through the tapped blocks; ERW also its warmup step); and, for aligners with frozen encoders, the
-encoders' forward on the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost of computing the
-targets online instead of caching them with prepare.py. Latents, labels and images are synthetic.
+encoders' forward on the batch's images (random-init weights: timing does not depend on them), i.e. the extra cost
+of computing the targets online instead of caching them with prepare.py. Latents, labels and images are synthetic.
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as bench/gpu_suite.py
 
 from bench.models import forward_flops  # noqa: E402
+from bench.profile_step import format_profile, profile_step  # noqa: E402
 from bench.vs_reference import (  # noqa: E402
     our_sampler, our_train_step, reference_model, reference_sampler, reference_train_step)
 from gen.models import build_model  # noqa: E402
@@ -43,6 +44,10 @@ from gen.precision import precision as precision_of  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 """Dense bf16 tensor-core peak FLOP/s by device name fragment (NVIDIA datasheets, SXM parts; no sparsity)."""
+
+
+EXPLORE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+"""torch.compile modes --explore tries on SiT-XL/2 + REPA (max-autotune: autotuned matmuls and CUDA graphs)."""
 
 
 class Suite:
@@ -127,10 +132,11 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def train_row(model: str, batch: int, targets: str | None, compile: bool, device, iters: int, warmup: int,
+def train_row(model: str, batch: int, targets: str | None, compile: bool | str, device, iters: int, warmup: int,
               train_flops: float) -> dict:
     """Our real training step (bench.vs_reference.our_train_step: train.py's loop body, bf16 autocast on a GPU),
-    plain or + REPA on cached DINOv2-B targets: images/s, step time, peak memory, MFU."""
+    plain or + REPA on cached DINOv2-B targets: images/s, step time, peak memory, MFU. `compile`: regional
+    torch.compile, or a torch.compile mode for it."""
     reset_memory(device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     plain = () if targets else ("align.methods=[]",)
@@ -287,6 +293,9 @@ def markdown(results: dict) -> str:
                                                             ("seconds", "s"), ("minutes", "min")) if k in row), "")
         if "step_ms" in row:
             figure += f" ({row['step_ms']} ms/step, batch {row['batch']})"
+        if "busy_ms" in row:
+            figure = format_profile(row).splitlines()[0] + "; " + ", ".join(
+                f"{kind} {ms} ms" for kind, ms in list(row["by_kind_ms"].items())[:4])
         mem = f"{row['peak_mem_gib']} GiB" if row.get("peak_mem_gib") is not None else ""
         lines.append(f"| {name} | {figure} | {mem} | {row.get('mfu', '')} |")
     return "\n".join(lines) + "\n"
@@ -301,6 +310,8 @@ def main() -> None:
     parser.add_argument("--xl-batch", type=int, default=64, help="SiT-XL/2 training batch")
     parser.add_argument("--sample-steps", type=int, default=20, help="timed SDE steps (figures scaled to 250)")
     parser.add_argument("--only", nargs="*", default=None, help="only items whose name starts with one of these")
+    parser.add_argument("--explore", action="store_true",
+                        help="also SiT-XL/2 + REPA at batch 128 and 192 under each torch.compile mode (EXPLORE_MODES)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -316,6 +327,8 @@ def main() -> None:
             for compile in (False,) if args.quick else (False, True):  # compiling takes minutes on a CPU
                 name = f"train_{model}{'_repa' if targets else ''}_{'compiled' if compile else 'eager'}"
                 run(name, train_row, model, batch, targets, compile, device, iters, warmup, flops)
+        run(f"profile_{model}_repa{'' if args.quick else '_compiled'}", profile_step, model, batch, device,
+            compile=not args.quick, steps=1 if args.quick else 3, warmup=1 if args.quick else 3)
         if args.repa_dir:
             for precision in (("fp16", "bf16") if device.type == "cuda" else ("fp32",)):
                 run(f"reference_{model}_repa_{precision}", reference_row, args.repa_dir, model, batch, precision,
@@ -335,6 +348,11 @@ def main() -> None:
             "tf32" if device.type == "cuda" else "fp32", False, device, args.repa_dir)
     with tempfile.TemporaryDirectory() as tmp:
         eval_rows(suite, Path(tmp), device, args.quick)
+    if args.explore and not args.quick:  # last: the default items keep their budget
+        flops = 3 * forward_flops(build_model("SiT-XL/2", input_size=32), 32)
+        for big, mode in [(b, m) for b in (128, 192) for m in EXPLORE_MODES]:
+            run(f"train_SiT-XL/2_repa_compiled_batch{big}_{mode}", train_row, "SiT-XL/2", big, "cached", mode, device,
+                10, 3, flops)
     estimate = fid50k_estimate(suite.results["items"])
     if estimate:
         suite.results["items"]["fid50k_8gpu_estimate"] = estimate

@@ -62,7 +62,8 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device={args.device} dtype={args.dtype} batch={args.batch} input={args.input_size} torch={torch.__version__}")
+    print(f"device={args.device} dtype={args.dtype} batch={args.batch} input={args.input_size} "
+          f"torch={torch.__version__}")
     print(f"{'model':10s} {'params':>14s} {'GFLOPs':>8s} {'GMACs':>7s} {'paper':>6s} {'ratio':>6s} {'img/s':>8s}")
     for name in args.names:
         torch.manual_seed(0)

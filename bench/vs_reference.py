@@ -262,7 +262,7 @@ def our_config(model: str, batch: int, precision: str, encoder=None, overrides=(
 class OurStep:
     """One step of train.py's loop per call (see the module docstring); `.model`, `.loss(draws)` for checks."""
 
-    def __init__(self, model: str, batch: int, device, precision: str, targets: str, compile: bool = False,
+    def __init__(self, model: str, batch: int, device, precision: str, targets: str, compile: bool | str = False,
                  encoder=None, state: tuple[dict, dict] | None = None, overrides=()):
         from accelerate import Accelerator
 
@@ -287,8 +287,8 @@ class OurStep:
         self.conditioning = Conditioning.from_config(cfg)
         self.trainee = Trainee(self.model, self.objective, aligners, teacher=self.ema.model).to(device)
         self.module = self.trainee
-        if compile:
-            self.model.compile_regions()
+        if compile:  # True: train.compile's regional compile; a string: the same with that torch.compile mode
+            self.model.compile_regions(**({"mode": compile} if isinstance(compile, str) else {}))
         self.trainee, self.optimizer = ours.prepare_step(self.accelerator, self.trainee, "full", 0, cfg)
         data = make_batch(batch, tokens=tokens)
         self.batch = {k: data[k] for k in ("raw", "label")}
@@ -338,10 +338,12 @@ class OurStep:
         return per_sample.mean().item()
 
 
-def our_train_step(model: str, batch: int, device, precision: str, targets: str = "online", compile: bool = False,
-                   encoder=None, state: tuple[dict, dict] | None = None, overrides=()) -> OurStep:
+def our_train_step(model: str, batch: int, device, precision: str, targets: str = "online",
+                   compile: bool | str = False, encoder=None, state: tuple[dict, dict] | None = None,
+                   overrides=()) -> OurStep:
     """A zero-argument callable running one of our training steps (precision fp32 | bf16; targets online | cached;
-    state: (backbone, projector) weights to start from; overrides: extra config overrides, e.g. a tiny model)."""
+    compile: regional torch.compile, or a torch.compile mode for it; state: (backbone, projector) weights to start
+    from; overrides: extra config overrides, e.g. a tiny model)."""
     return OurStep(model, batch, device, precision, targets, compile, encoder, state, overrides)
 
 
