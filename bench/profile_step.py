@@ -7,7 +7,8 @@ The step is bench.vs_reference.our_train_step (train.py's loop body: Trainee und
 1.0, foreach EMA; bf16 autocast on a GPU), + REPA on cached targets unless --plain. Prints and returns, per step: the
 wall time, the time the device was busy (the sum of kernel times: a GPU far below the wall time waits on the host),
 the time by kind (matmul, attention, fused/elementwise, normalisation, optimizer/EMA, copies, communication,
-other) and the top kernels. bench/gpu_suite.py records it as its `profile_*` item, so one call on a GPU says what to optimise next.
+other) and the top kernels. bench/gpu_suite.py records it as its `profile_*` item, so one call on a GPU says what
+to optimise next.
 """
 from __future__ import annotations
 

@@ -46,3 +46,19 @@ def test_profile_step_accounts_for_the_step_time(fresh_accelerate, one_thread):
     assert 0.3 < row["busy_share"] <= 1.05  # the CPU runs the ops' self times within the wall time
     assert row["by_kind_ms"]["matmul"] > 0 and row["by_kind_ms"]["optimizer/EMA"] > 0
     assert [t["ms"] for t in row["top"]] == sorted((t["ms"] for t in row["top"]), reverse=True)
+
+
+def test_forward_flops_count_the_attention_of_every_block():
+    """bench/models.py's count: without the CPU attention kernel's formula torch counts none of QK^T and AV; with it,
+    each block adds 2 matmuls of T x T x D multiply-adds (2 FLOPs each) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gen.models import build_model
+
+    models = load_bench("models")
+    net = build_model("SiT-S/8", input_size=32, depth=2, hidden_size=32, num_heads=2)
+    x, t, y = torch.randn(1, net.in_channels, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        net(x, t, y)
+    tokens = (32 // 8) ** 2
+    assert models.forward_flops(net, 32) - plain.get_total_flops() == 2 * (2 * 2 * tokens * tokens * 32)
