@@ -41,6 +41,7 @@ from gen.eval.reference import make_reference, open_images, write_stats
 from gen.eval.shapes import SHAPE_METRICS, evaluate_shapes
 from gen.eval.shapes import protocol as shape_protocol
 from gen.io import atomic_write_text, check_writable
+from gen.precision import flush_denormals
 
 
 def default_out(images: Path, make: bool) -> Path:
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit(0)
     if args.images is None:
         parser.error("the images (.npz or folder) are required")
+    flush_denormals()  # CPU arithmetic: denormals to zero (gen.precision)
     with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
         if args.probe:
             return run_probe(args.images, args.overrides, args.out)

@@ -36,6 +36,7 @@ from gen.data import (LATENT_STATE, META, DataError, build_dataset, dataset_chan
 from gen.errors import DEBUG_HELP, one_line_errors
 from gen.io import atomic_write, atomic_write_text, check_writable, to_rgb
 from gen.models import build_backbone, require_grid
+from gen.precision import flush_denormals
 from gen.text import TEXT_FEATURE, TextEncoder
 from latents import build_latent
 
@@ -198,6 +199,7 @@ def encode_shard(dataset, latent, k: int, shard_size: int, batch_size: int, num_
 def main(argv=None) -> None:
     """Run the job; an expected failure ends in one line `error: ...` (the traceback with --debug)."""
     args = parse_args(argv)
+    flush_denormals()  # CPU arithmetic: denormals to zero (gen.precision)
     with one_line_errors(args.debug):
         prepare(args)
 

@@ -33,6 +33,7 @@ from gen.io import JobLock, NpyWriter, atomic_write_text, check_writable
 from gen.logging import save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
+from gen.precision import flush_denormals
 from gen.sampling.generate import generate_indexed, sample_labels
 from gen.text import sample_text
 from latents import build_latent
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
+    flush_denormals()  # CPU arithmetic: denormals to zero (gen.precision)
     with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
         return run(args.weights, args.overrides)
 

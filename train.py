@@ -32,7 +32,7 @@ from gen.eval import build_suite
 from gen.io import JobLock, LockHeld, check_writable
 from gen.logging import RunningMeans, append_jsonl, make_grid, save_grid, truncate_jsonl
 from gen.models import build_backbone
-from gen.precision import training_precision
+from gen.precision import flush_denormals, training_precision
 from gen.objectives import build_objective
 from gen.sampling.generate import generate, generate_indexed, sample_labels
 from gen.step import StepDraws, Trainee, build_aligners, model_inputs
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.help_config:
         print(describe())
         return
+    flush_denormals()  # CPU arithmetic: denormals to zero (gen.precision)
     with one_line_errors(args.debug):  # an expected failure ends in one line `error: ...` (traceback: --debug)
         train(load_config(args.config, args.overrides), resume=args.resume)
 

@@ -2,6 +2,7 @@
 
 Used by the samplers (sampler.precision) and by the feature extractors of the metrics (always exact float32, as the
 float32 TF graph of guided-diffusion's evaluator). The switches are restored on exit, whatever the job around set.
+Every job also flushes denormal floats to zero on the CPU (`flush_denormals`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from contextlib import contextmanager
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def flush_denormals() -> None:
+    """Flush denormal floats (magnitude below 1.2e-38) to zero in this process's CPU arithmetic (x86 FTZ/DAZ).
+
+    Called at the start of every job. Denormal operands take a slow path in the CPU's floating-point units: inside
+    the convolutions of a small binary autoencoder (their gradients' products) they made a training step 16x
+    slower (2.5 s instead of 0.15 s on 2 cores). Only values that small change, and they become 0 in the same way
+    on every run and process, so resume and process-count equality hold as before; GPU kernels are not affected.
+    """
+    torch.set_flush_denormal(True)
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 

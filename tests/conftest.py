@@ -4,6 +4,10 @@ import os
 import pytest
 import torch
 
+from gen.precision import flush_denormals
+
+flush_denormals()  # the arithmetic every job runs in (tests that call components directly, not through a job)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow (minutes each)")

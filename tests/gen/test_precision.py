@@ -111,3 +111,16 @@ def test_compile_setting_null_compiles_on_a_gpu_only():
     assert not model.compile_regions_for(False, "cuda") and not any(compiled())
     assert model.compile_regions_for(None, "cuda") and all(compiled())
     assert model._compiled_call_impl is None  # the blocks, not the whole forward
+
+
+def test_flush_denormals_zeroes_denormal_results_in_a_fresh_process():
+    """A product below float32's smallest normal (1.2e-38) survives as a denormal until flush_denormals(), which every
+    job calls first (in a fresh interpreter: the suite's own process already flushes, conftest.py)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from gen.precision import flush_denormals; x = torch.tensor([1e-20]);"
+            "print((x * x).item()); flush_denormals(); print((x * x).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert 0 < float(out[0]) < torch.finfo(torch.float32).tiny  # 1e-40: a denormal
+    assert float(out[1]) == 0.0
