@@ -40,7 +40,7 @@ from gen.eval.probe import run_probe
 from gen.eval.reference import make_reference, open_images, write_stats
 from gen.eval.shapes import SHAPE_METRICS, evaluate_shapes
 from gen.eval.shapes import protocol as shape_protocol
-from gen.io import atomic_write_text, check_writable
+from gen.io import atomic_write_text, check_writable_file
 
 
 def default_out(images: Path, make: bool) -> Path:
@@ -99,9 +99,9 @@ def run(args) -> Path:
     e = cfg.eval
     images = Path(args.images).expanduser()
     out = Path(args.out) if args.out else default_out(images, args.make_reference)
-    check_writable(out.parent, "--out")
+    check_writable_file(out, "--out")
     if args.save_stats:
-        check_writable(Path(args.save_stats).parent, "--save-stats")
+        check_writable_file(args.save_stats, "--save-stats")
 
     accelerator = Accelerator()
     if all(m in SHAPE_METRICS for m in e.metrics):  # 3D shapes: a folder of meshes or an .npz of point clouds

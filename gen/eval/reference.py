@@ -39,7 +39,8 @@ class NpzImages:
         try:
             zf = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"{self.path} is not a readable .npz file ({err})") from None
+            raise DataError(f"{self.path} is not a readable .npz file ({err}); give an .npz batch with arr_0 (as "
+                            f"sample.py writes) or a folder of images") from None
         with zf:
             if f"{key}.npy" not in zf.namelist():
                 raise DataError(f"{self.path} holds no '{key}' array (keys: {[n[:-4] for n in zf.namelist()]}); "
