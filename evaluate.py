@@ -123,7 +123,8 @@ def run(args) -> Path:
         images_note = f" and arr_0 ({e.pr_reference_size} images at most)" if "pr" in e.metrics else ""
         accelerator.print(f"wrote {out}: statistics of {stats}{images_note}")
         return out
-    source = open_images(images)
+    source = open_images(images, check_files=e.prescan)  # a corrupt or odd-sized file fails now, not mid-pass
+    suite.check_count(len(source), images)
     suite.check_reference()  # eval.reference's keys and shapes, before the Inception pass over the samples
     feed(suite.update, source, np.arange(len(source)), e.batch_per_process, suite.comm, "samples")
     scores = suite.compute()

@@ -108,8 +108,17 @@ def sample_text(cfg, device) -> Tensor | None:
     captions = [c for c in captions if c]
     if not captions:
         raise ConfigError(f"config key 'sample.captions': {cfg.sample.captions} holds no caption")
+    return open_encoder(cfg, device)(captions)
+
+
+def open_encoder(cfg, device) -> TextEncoder:
+    """The encoder of cond.text_encoder (one error when it is not set or incomplete), giving tokens of the width
+    cond.text_dim when that is set (the width the model reads): prepare.py and sample.py."""
+    from gen.config import ConfigError
+
     encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_tokens, device)
-    if encoder.dim != cfg.cond.text_dim:
+    if cfg.cond.text_dim and encoder.dim != cfg.cond.text_dim:
         raise ConfigError(f"config key 'cond.text_encoder': {encoder.folder} gives tokens of width {encoder.dim}, but "
-                          f"the model reads cond.text_dim={cfg.cond.text_dim}; use the encoder the cache was made with")
-    return encoder(captions)
+                          f"the model reads cond.text_dim={cfg.cond.text_dim}; use the encoder the cache was made with "
+                          f"(or, for a new cache and run, set cond.text_dim={encoder.dim})")
+    return encoder

@@ -146,7 +146,7 @@ class MetricSuite:
             specs = self.metrics.values()
             dims = {f: d for net in self.networks.values() for f, d in net.dims.items()}
             check_reference(self.cfg.reference, {f for m in specs for f in m.stats},
-                            {f for m in specs for f in m.gather}, dims)
+                            {f for m in specs for f in m.gather}, dims, self.cfg.image_size, self.cfg.prescan)
 
     def resolve_reference(self) -> Reference:
         """The reference for these metrics, resolved once (collective when it is computed from images)."""
