@@ -102,8 +102,8 @@ def sample_text(cfg, device) -> Tensor | None:
         raise ConfigError("config key 'sample.captions': this model is text-conditioned (cond.text_dim > 0); give a "
                           "file of captions, one per line (sample i takes caption i mod their number)")
     if not Path(cfg.sample.captions).is_file():
-        raise ConfigError(f"config key 'sample.captions': no file {cfg.sample.captions}; give a UTF-8 file of captions, "
-                          f"one per line")
+        raise ConfigError(f"config key 'sample.captions': no file {cfg.sample.captions}; give a UTF-8 file of "
+                          f"captions, one per line")
     captions = [line.strip() for line in Path(cfg.sample.captions).read_text(encoding="utf-8").splitlines()]
     captions = [c for c in captions if c]
     if not captions:

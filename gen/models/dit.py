@@ -183,9 +183,9 @@ class Transformer(AdaLNStack):
         channels, height, width = sample_shape
         patch = int(cfg.model.name.rsplit("/", 1)[1])  # before building: the latent grid must tile into patches
         check(height % patch == 0 and width % patch == 0, "data.image_size",
-              f"{cfg.data.image_size} gives {cfg.latent.name} latents of {height}x{width}, which the patch size {patch} "
-              f"of {cfg.model.name} does not divide; use a multiple of {patch * max(1, cfg.data.image_size // height)} "
-              f"or a model with a smaller patch size")
+              f"{cfg.data.image_size} gives {cfg.latent.name} latents of {height}x{width}, which the patch size "
+              f"{patch} of {cfg.model.name} does not divide; use a multiple of "
+              f"{patch * max(1, cfg.data.image_size // height)} or a model with a smaller patch size")
         o = cfg.model.dit
         overrides = {k: getattr(o, k) for k in ("learn_sigma", "depth", "hidden_size", "num_heads")
                      if getattr(o, k) is not None}
