@@ -71,6 +71,11 @@ CASES = [
     ("heads do not divide the width", train_job, lambda d, r, i: train_args(d, "model.dit.hidden_size=30",
                                                                              "model.dit.num_heads=4"),
      ["'model.dit.hidden_size'", "30 is not divisible by 4 heads"]),
+    ("width the position embedding cannot split", train_job, lambda d, r, i: train_args(
+        d, "model.dit.hidden_size=18", "model.dit.num_heads=2"), ["'model.dit.hidden_size'", "not a multiple of 4"]),
+    ("RoPE head width", train_job, lambda d, r, i: train_args(d, "model.dit.rope=true", "model.dit.hidden_size=24",
+                                                              "model.dit.num_heads=4"),
+     ["'model.dit.num_heads'", "head width divisible by 4", "gives 6"]),
     ("patch does not tile the latents", train_job, lambda d, r, i: train_args(d, "data.image_size=10"),
      ["'data.image_size'", "10 gives pixel latents of 10x10", "patch size 4 of SiT-S/4", "multiple of 4"]),
     ("aligner below the last block", train_job, lambda d, r, i: train_args(
