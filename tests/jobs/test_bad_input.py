@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_validation import QUICK, TINY, inception, refused, trained  # noqa: F401 - fixtures used by name
 
@@ -50,6 +51,20 @@ def corrupt_checkpoint(d, run, name):
     for f in (d / "run").rglob(name):
         f.write_bytes(f.read_bytes()[:200])  # truncated: the safetensors header is cut
     return d / "run"
+
+
+BINARY = ["latent.name=binary", "objective.name=bernoulli", "sampler.sampler=ancestral", "sampler.num_steps=2",
+          "data.image_size=16"]
+
+
+def weights(path, truncate=False):
+    """A safetensors file of one tensor no network has (`truncate`: cut inside its header)."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(path))
+    if truncate:
+        path.write_bytes(path.read_bytes()[:20])
+    return path
 
 
 def scores(*extra):
@@ -102,6 +117,12 @@ CASES = [
         QUICK, *TINY, f"train.run_dir={corrupt_checkpoint(d, r, 'model.safetensors')}", "train.max_steps=2",
         "--resume"],
      ["checkpoints/step-00000001 is corrupt or truncated", "resume from an earlier one"]),
+    ("binary latents from a truncated file", train_job, lambda d, r, i: train_args(
+        d, *BINARY, f"latent.binary.weights={weights(d / 'bae.safetensors', truncate=True)}"),
+     ["bae.safetensors (binary autoencoder weights, latent.binary.weights) is not a readable safetensors file"]),
+    ("binary latents from another network", train_job, lambda d, r, i: train_args(
+        d, *BINARY, f"latent.binary.weights={weights(d / 'bae.safetensors')}"),
+     ["bae.safetensors (binary autoencoder weights, latent.binary.weights) does not fit the configured network"]),
     # sample.py
     ("sample a truncated EMA file", sample_job, lambda d, r, i: [
         corrupt_checkpoint(d, r, "ema.safetensors"), f"sample.out={d / 's.npz'}"],
