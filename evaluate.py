@@ -40,7 +40,7 @@ from gen.eval.probe import run_probe
 from gen.eval.reference import make_reference, open_images, write_stats
 from gen.eval.shapes import SHAPE_METRICS, evaluate_shapes
 from gen.eval.shapes import protocol as shape_protocol
-from gen.io import atomic_write_text, check_writable
+from gen.io import atomic_write_text, check_writable_file
 from gen.precision import flush_denormals
 
 
@@ -101,9 +101,9 @@ def run(args) -> Path:
     e = cfg.eval
     images = Path(args.images).expanduser()
     out = Path(args.out) if args.out else default_out(images, args.make_reference)
-    check_writable(out.parent, "--out")
+    check_writable_file(out, "--out")
     if args.save_stats:
-        check_writable(Path(args.save_stats).parent, "--save-stats")
+        check_writable_file(args.save_stats, "--save-stats")
 
     accelerator = Accelerator()
     if all(m in SHAPE_METRICS for m in e.metrics):  # 3D shapes: a folder of meshes or an .npz of point clouds
@@ -125,7 +125,8 @@ def run(args) -> Path:
         images_note = f" and arr_0 ({e.pr_reference_size} images at most)" if "pr" in e.metrics else ""
         accelerator.print(f"wrote {out}: statistics of {stats}{images_note}")
         return out
-    source = open_images(images)
+    source = open_images(images, check_files=e.prescan)  # a corrupt or odd-sized file fails now, not mid-pass
+    suite.check_count(len(source), images)
     suite.check_reference()  # eval.reference's keys and shapes, before the Inception pass over the samples
     feed(suite.update, source, np.arange(len(source)), e.batch_per_process, suite.comm, "samples")
     scores = suite.compute()

@@ -37,7 +37,7 @@ from gen.errors import DEBUG_HELP, one_line_errors
 from gen.io import atomic_write, atomic_write_text, check_writable, to_rgb
 from gen.models import build_backbone, require_grid
 from gen.precision import flush_denormals
-from gen.text import TEXT_FEATURE, TextEncoder
+from gen.text import TEXT_FEATURE, TextEncoder, open_encoder
 from latents import build_latent
 
 IN_PROGRESS = "prepare.json"
@@ -222,8 +222,8 @@ def prepare(args) -> None:
     # Missing weights or a foreign cache in `out` fail here, before anything is written.
     latent.load_weights(accelerator.device)
     encoders = build_encoders(cfg, latent, accelerator.device)
-    text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_tokens, accelerator.device) \
-        if cfg.cond.text_encoder else None
+    # a text run (cond.text_dim > 0) caches its captions' tokens: it needs the encoder, of that width
+    text_encoder = open_encoder(cfg, accelerator.device) if cfg.cond.text_encoder or cfg.cond.text_dim else None
     meta = build_meta(cfg, dataset, latent, args.shard_size, encoders, text_encoder)
     feature_shapes = {name: tuple(f["shape"]) for name, f in meta.get("features", {}).items()}
     if "text" in meta:  # stored like features: one float16 file per shard

@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from gen.checkpoint import CheckpointError, load_latent_state, resolve_weights
 from gen.config import Config, choose, load_config, to_yaml
 from gen.errors import DEBUG_HELP, one_line_errors
 from gen.eval import SAMPLE_METRICS, build_suite, split_sample_metrics
-from gen.io import JobLock, NpyWriter, atomic_write_text, check_writable
+from gen.io import JobLock, NpyWriter, atomic_write_text, check_writable_file, load_tensors
 from gen.logging import save_grid
 from gen.models import build_backbone
 from gen.objectives import build_objective
@@ -51,7 +50,7 @@ def load_model(cfg: Config, ema_path: Path, latent, device) -> torch.nn.Module:
     """The configured backbone with the checkpoint's EMA weights, or one clear error when they do not fit."""
     model = build_backbone(cfg, latent.shape)
     try:
-        model.load_state_dict(load_file(str(ema_path)), strict=True)
+        model.load_state_dict(load_tensors(ema_path, "the run's EMA weights"), strict=True)
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{ema_path} does not fit the configured model ({cfg.model.name}): {detail}. Do not "
@@ -85,7 +84,7 @@ def run(weights: str, overrides: list[str]) -> Path:
     streamed, after = split_sample_metrics(cfg.sample.metrics, modality)
     s = cfg.sample
     out = Path(s.out) if s.out else ema_path.parent.parent.parent / "samples" / f"{default_name(cfg)}.npz"
-    check_writable(out.parent, "sample.out")
+    check_writable_file(out, "sample.out")
 
     accelerator = Accelerator()
     device = accelerator.device

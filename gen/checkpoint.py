@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from gen.config import Config, load_config, save_config
 from gen.errors import as_write_error
-from gen.io import flatten, load_state
+from gen.io import flatten, load_state, load_tensors
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -130,13 +131,17 @@ def load_checkpoint(accelerator, path: str | Path, ema, cfg: Config, latent) -> 
     check_resumable(path, cfg)
     try:
         accelerator.load_state(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({' '.join(str(err).split())}); resume from "
+                              f"an earlier one: move this folder out of {path.parent}") from None
     except (RuntimeError, KeyError, ValueError) as err:  # parameters or optimizer state of another shape
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(f"checkpoint {path} does not fit the configured model and aligners ({detail}); resume "
                               f"with the run's own config ({path / 'config.yaml'}) or choose a new train.run_dir"
                               ) from err
     load_latent_state(path, latent)
-    ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device)))
+    ema.load_state_dict(load_tensors(path / "ema.safetensors", "the EMA weights of a checkpoint",
+                                     device=str(next(ema.model.parameters()).device)))
     return train_state
 
 

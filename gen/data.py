@@ -157,18 +157,22 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise _unreadable(path, err) from err
 
 
-def prescan(files) -> None:
+def prescan(files, key: str = "data.prescan") -> list[tuple[int, int]]:
     """Open every image and verify it (PIL `verify`: the header, and for PNG the chunk checksums, without decoding),
-    raising DataError naming the first corrupt or unconvertible file (data.prescan)."""
+    raising DataError naming the first corrupt or unconvertible file and `key`, the switch that skips this scan;
+    returns each image's (width, height)."""
+    sizes = []
     for path in files:
         try:
             with Image.open(path) as image:
                 _check_mode(path, image)
                 image.verify()
+                sizes.append(image.size)
         except DataError:
             raise
         except _UNREADABLE as err:
-            raise _unreadable(path, err, " (or skip this check with data.prescan=false)") from err
+            raise _unreadable(path, err, f" (or skip this check with {key}=false)") from err
+    return sizes
 
 
 def check_classes(dataset, cfg) -> None:

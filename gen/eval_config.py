@@ -35,6 +35,9 @@ class EvalConfig:
     """Inception Score split size over global sample indices (ADM: 5000, i.e. 10 splits of 50K)."""
     image_size: Optional[int] = None
     """ADM center-crop size for folders of images of varying size (reference folders); null uses images as they are."""
+    prescan: bool = True
+    """Before any feature pass, open every file of a folder of images (samples, eval.reference, --make-reference) and
+    refuse a corrupt one, or (eval.image_size null) one of another size; false skips the scan."""
     batch_per_process: int = 100
     """Images per feature-network forward on each process."""
     cache_dir: Optional[str] = None

@@ -108,6 +108,17 @@ def check_writable(path: str | Path, key: str) -> None:
                           f"make it writable or choose another {key}")
 
 
+def check_writable_file(path: str | Path, key: str) -> None:
+    """`check_writable` of the folder of the file `path` (named by `key`), and `path` not an existing folder."""
+    from gen.config import ConfigError
+
+    path = Path(path).expanduser().absolute()
+    check_writable(path.parent, key)
+    if path.is_dir():
+        name = key if key.startswith("--") else f"config key '{key}'"
+        raise ConfigError(f"{name}: {path} is a folder, not a file; give a file path or remove that folder")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -123,6 +134,18 @@ def load_state(path: str | Path, what: str) -> dict:
     if not isinstance(obj, dict):
         raise BadFile(f"{path} ({what}) holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def load_tensors(path: str | Path, what: str, device: str = "cpu") -> dict:
+    """safetensors' load_file, with a corrupt or truncated file as BadFile naming it and its role `what`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise BadFile(f"{path} ({what}) is not a readable safetensors file ({' '.join(str(err).split())}): it is "
+                      f"corrupt or truncated; use another checkpoint (checkpoints/step-*) or copy it again") from None
 
 
 def to_rgb(images: Tensor) -> Tensor:

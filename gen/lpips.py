@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from gen.io import load_state
+from gen.io import BadFile, load_state
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "vgg.pth"
@@ -71,8 +71,8 @@ class LPIPS(nn.Module):
             try:
                 module.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=True)
             except RuntimeError as err:
-                raise ValueError(f"{path} (objective.autoencoder.{key}) does not hold the expected weights: "
-                                 f"{str(err).splitlines()[1:2]}; {PUBLISHED}") from None
+                raise BadFile(f"{path} (objective.autoencoder.{key}) does not hold the expected weights: "
+                              f"{str(err).splitlines()[1:2]}; {PUBLISHED}") from None
         return net
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

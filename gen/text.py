@@ -101,12 +101,24 @@ def sample_text(cfg, device) -> Tensor | None:
     if not cfg.sample.captions:
         raise ConfigError("config key 'sample.captions': this model is text-conditioned (cond.text_dim > 0); give a "
                           "file of captions, one per line (sample i takes caption i mod their number)")
+    if not Path(cfg.sample.captions).is_file():
+        raise ConfigError(f"config key 'sample.captions': no file {cfg.sample.captions}; give a UTF-8 file of "
+                          f"captions, one per line")
     captions = [line.strip() for line in Path(cfg.sample.captions).read_text(encoding="utf-8").splitlines()]
     captions = [c for c in captions if c]
     if not captions:
         raise ConfigError(f"config key 'sample.captions': {cfg.sample.captions} holds no caption")
+    return open_encoder(cfg, device)(captions)
+
+
+def open_encoder(cfg, device) -> TextEncoder:
+    """The encoder of cond.text_encoder (one error when it is not set or incomplete), giving tokens of the width
+    cond.text_dim when that is set (the width the model reads): prepare.py and sample.py."""
+    from gen.config import ConfigError
+
     encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_tokens, device)
-    if encoder.dim != cfg.cond.text_dim:
+    if cfg.cond.text_dim and encoder.dim != cfg.cond.text_dim:
         raise ConfigError(f"config key 'cond.text_encoder': {encoder.folder} gives tokens of width {encoder.dim}, but "
-                          f"the model reads cond.text_dim={cfg.cond.text_dim}; use the encoder the cache was made with")
-    return encoder(captions)
+                          f"the model reads cond.text_dim={cfg.cond.text_dim}; use the encoder the cache was made with "
+                          f"(or, for a new cache and run, set cond.text_dim={encoder.dim})")
+    return encoder

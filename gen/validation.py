@@ -108,7 +108,7 @@ def _validate_train(cfg: Config) -> None:
     in_range("train.grad_clip", t.grad_clip, 0.0, why="0 disables clipping")
     check(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
           f"is {t.divergence_factor!r}; allowed: 0 (off) or > 1")
-    in_range("train.ema_decay", t.ema_decay, 0.0, 1.0)
+    in_range("train.ema_decay", t.ema_decay, 0.0, 1.0, below=True)
     in_range("train.seed", t.seed, 0)
     in_range("train.ckpt_every_steps", t.ckpt_every_steps, 1)
     in_range("train.keep_checkpoints", t.keep_checkpoints, 0, why="0 keeps all")
@@ -137,6 +137,14 @@ def _validate_sample(cfg: Config) -> None:
     in_range("sample.grid_num", s.grid_num, 1)
     check(s.labels in ("random", "balanced"), "sample.labels", "random or balanced")
     check(s.rounding in ("round", "floor"), "sample.rounding", "round or floor")
+    check(not s.captions or cfg.cond.text_dim > 0, "sample.captions",
+          f"is {s.captions!r}, but this run reads no text (cond.text_dim=0); drop sample.captions")
+    sample_metrics = importlib.import_module("gen.eval")
+    modality = selected(cfg)["latent"].modality
+    streamed, after = sample_metrics.split_sample_metrics(s.metrics, modality)
+    for name in streamed + after:
+        need = sample_metrics.min_samples(name, cfg.eval, modality)
+        in_range("sample.num_samples", s.num_samples, need, why=f"sample.metrics has {name}")
 
 
 def _validate_eval(e: EvalConfig) -> None:

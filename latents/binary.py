@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gen.config import ComponentConfig, check
-from gen.io import load_state, to_rgb
+from gen.io import BadFile, load_state, load_tensors, to_rgb
 from latents.bae import BIT_MODES, BAEArch, BinaryAutoencoder, from_bld
 from latents.base import LatentSpace, to_uint8
 
@@ -93,8 +93,6 @@ class BinaryConfig(ComponentConfig):
 def stage1_weights(path: str) -> dict[str, Tensor]:
     """The EMA autoencoder of a stage-1 run folder (its latest checkpoint) or checkpoint folder (model.name=BAE,
     objective autoencoder): the `ae.*` entries of its ema.safetensors."""
-    from safetensors.torch import load_file
-
     from gen.checkpoint import CheckpointError, resolve_weights
     from gen.models.bae import ae_state
 
@@ -104,7 +102,7 @@ def stage1_weights(path: str) -> dict[str, Tensor]:
         raise CheckpointError(f"latent.binary.weights={path!r}: this folder holds no checkpoint (ema.safetensors); "
                               f"train stage 1 into it first (python train.py <stage-1 config> train.run_dir={path}) "
                               f"or name a checkpoints/step-* folder or a weights file") from None
-    state = ae_state(load_file(str(ema)))
+    state = ae_state(load_tensors(ema, "a stage-1 run's EMA weights, latent.binary.weights"))
     if not state:
         raise CheckpointError(f"latent.binary.weights={path!r}: {ema} holds no autoencoder (no ae.* weights); name "
                               f"a stage-1 run (model.name=BAE, objective.name=autoencoder)")
@@ -184,20 +182,21 @@ class BinaryLatents(LatentSpace):
         elif not os.path.isfile(self.weights):
             raise FileNotFoundError(f"latent.binary.weights={self.weights!r}: no such file or folder; {_PUBLISHED}")
         elif self.weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(self.weights)
+            state = load_tensors(self.weights, what)
         else:
             state = load_state(self.weights, what)
         if any(k.startswith(("ae.encoder.", "encoder.blocks.")) for k in state):  # the reference's flat layout
-            state = from_bld(state, self.arch)
+            try:
+                state = from_bld(state, self.arch)
+            except (KeyError, ValueError) as err:  # keys of another network, or a decoder without --norm_first
+                raise BadFile(f"{self.weights} ({what}): {' '.join(str(err).split())}") from None
         net = BinaryAutoencoder(self.arch)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{self.weights} ({what}) does not fit the configured network (latent.binary.*: "
-                             f"bit_channels, factor, nf, res_blocks, ...; a stage-1 run's are in its config.yaml): "
-                             f"{str(err).splitlines()[1:3]}") from None
+            raise BadFile(f"{self.weights} ({what}) does not fit the configured network (latent.binary.*: "
+                          f"bit_channels, factor, nf, res_blocks, ...; a stage-1 run's are in its config.yaml): "
+                          f"{str(err).splitlines()[1:3]}") from None
         return net.eval().requires_grad_(False)  # always float32 and frozen
 
     # -- encoding / decoding -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gen.config import ComponentConfig, check
-from gen.io import to_rgb
+from gen.io import BadFile, to_rgb
 from gen.validation import in_range
 from latents.base import LatentSpace, to_uint8
 
@@ -97,8 +97,8 @@ class SDVAE(LatentSpace):
         config = vae.config
         factor = 2 ** (len(config.block_out_channels) - 1)
         if config.latent_channels != LATENT_CHANNELS or factor != FACTOR:
-            raise ValueError(f"latent.sd_vae.vae_path={self.vae_path!r} is not an SD VAE: {config.latent_channels} "
-                             f"latent channels and downsampling {factor}, expected {LATENT_CHANNELS} and {FACTOR}")
+            raise BadFile(f"latent.sd_vae.vae_path={self.vae_path!r} is not an SD VAE: {config.latent_channels} "
+                          f"latent channels and downsampling {factor}, expected {LATENT_CHANNELS} and {FACTOR}")
         # Always float32 (the cache must not depend on the machine's precision) and frozen.
         return vae.eval().requires_grad_(False)
 

@@ -181,7 +181,7 @@ def to_mage(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_vqgan(path: str, arch: VQGANArch, what: str) -> VQGAN:
     """The frozen float32 tokenizer from a local file (ours or the released one), strictly loaded."""
-    from gen.io import load_state
+    from gen.io import BadFile, load_state
 
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -195,6 +195,6 @@ def load_vqgan(path: str, arch: VQGANArch, what: str) -> VQGAN:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path} ({what}) does not fit the configured tokenizer (latent.vq.*: codebook_size, "
-                         f"code_dim, ch, ch_mult, res_blocks): {str(err).splitlines()[1:3]}") from None
+        raise BadFile(f"{path} ({what}) does not fit the configured tokenizer (latent.vq.*: codebook_size, "
+                      f"code_dim, ch, ch_mult, res_blocks): {str(err).splitlines()[1:3]}") from None
     return net.eval().requires_grad_(False)

@@ -62,6 +62,18 @@ def split_sample_metrics(names, modality: str = "image") -> tuple[list[str], lis
     return list(dict.fromkeys(streamed)), after
 
 
+SAMPLE_MIN_SAMPLES: dict[str, int] = {"digits": 2}
+"""SAMPLE_METRICS that need more than one sample (digits: a Frechet distance of classifier features)."""
+
+
+def min_samples(name: str, ecfg, modality: str = "image") -> int:
+    """Samples a `sample.metrics` entry (streamed or computed after sampling, aliases expanded) needs."""
+    if name in SAMPLE_METRICS.get(modality, {}):
+        return SAMPLE_MIN_SAMPLES.get(name, 1)
+    module = importlib.import_module(STREAMED[modality])
+    return max(module.min_samples(m, ecfg) for m in SUITE_ALIASES.get(name, (name,)))
+
+
 def build_suite(names: list[str], ecfg, device, modality: str = "image"):
     """The streamed metric suite of `modality` computing `names` (its networks load and eval.reference is checked
     now: missing or wrong files fail early)."""

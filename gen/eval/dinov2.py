@@ -24,8 +24,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from gen.eval.extractor import check_sha256
+from gen.io import BadFile, load_state
 from gen.precision import exact_float32
-from gen.io import load_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,14 +127,15 @@ class DinoV2Features(nn.Module):
         state = dict(_read_state(self.path))
         state.pop("mask_token", None)  # DINOv2 hub checkpoints carry the iBOT mask token; inference never uses it
         if "register_tokens" in state:
-            raise ValueError(f"{self.path}: DINOv2 with registers is not the FD-DINOv2 network; use {arch} weights")
+            raise BadFile(f"{self.path} (config key '{self.key}'): DINOv2 with registers is not the FD-DINOv2 "
+                          f"network; use {arch} weights")
         if "pos_embed" in state:
             state["pos_embed"] = hub_pos_embed(state["pos_embed"], self.model.patch_embed.grid_size[0])
         try:
             self.model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             detail = " ".join(str(err).split())[:600]
-            raise ValueError(f"{self.path} (config key '{self.key}') does not fit timm's {arch}: {detail}") from None
+            raise BadFile(f"{self.path} (config key '{self.key}') does not fit timm's {arch}: {detail}") from None
         self.model.eval().requires_grad_(False)
         self.dims = {"dinov2": self.model.num_features}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

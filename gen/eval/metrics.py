@@ -24,6 +24,7 @@ import torch
 from gen.eval.accumulate import Accumulator, Features
 from gen.eval.collective import Collective
 from gen.config import ConfigError
+from gen.data import DataError
 from gen.eval.reference import Reference, check_reference, resolve_reference
 from gen.eval.scores import frechet_distance_pruned, precision_recall
 
@@ -79,6 +80,13 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def min_samples(name: str, cfg) -> int:
+    """Samples metric `name` needs: a Frechet distance a covariance (2), precision/recall k-NN radii (eval.pr_k + 1)."""
+    if name == "pr":
+        return cfg.pr_k + 1
+    return 2 if METRICS[name].stats else 1
+
+
 class MetricSuite:
     """Streams uint8 image batches into the requested metrics; compute() is collective and process-count independent."""
 
@@ -123,13 +131,22 @@ class MetricSuite:
         for start in range(0, len(images), step):
             self._acc.update(images[start:start + step], index[start:start + step])
 
+    def check_count(self, n: int, source) -> None:
+        """Before any pass: refuse `n` samples of `source` that are too few for a metric (see `min_samples`)."""
+        for name in self.metrics:
+            need = min_samples(name, self.cfg)
+            if n < need:
+                raise DataError(f"{source} holds {n} image(s), and {name} needs at least {need}"
+                                f"{' (eval.pr_k + 1)' if name == 'pr' else ''}; give more samples"
+                                f"{' or lower eval.pr_k' if name == 'pr' else ''}")
+
     def check_reference(self) -> None:
         """Check eval.reference holds what these metrics need (keys, shapes), from its headers: before any pass."""
         if self.reference is None:
             specs = self.metrics.values()
             dims = {f: d for net in self.networks.values() for f, d in net.dims.items()}
             check_reference(self.cfg.reference, {f for m in specs for f in m.stats},
-                            {f for m in specs for f in m.gather}, dims)
+                            {f for m in specs for f in m.gather}, dims, self.cfg.image_size, self.cfg.prescan)
 
     def resolve_reference(self) -> Reference:
         """The reference for these metrics, resolved once (collective when it is computed from images)."""

@@ -145,12 +145,11 @@ def probe_encoder(cfg, ema_path: Path, device) -> tuple[dict, dict]:
     torch.manual_seed(cfg.train.seed)  # the run's own initialisation (train.py), kept for eval.probe_encoder=init
     model = build_backbone(cfg, build_latent(cfg).shape)
     if e.probe_encoder == "ema":
-        from safetensors.torch import load_file
-
         from gen.checkpoint import CheckpointError
+        from gen.io import load_tensors
 
         try:
-            model.load_state_dict(load_file(str(ema_path)), strict=True)
+            model.load_state_dict(load_tensors(ema_path, "the run's EMA weights"), strict=True)
         except RuntimeError as err:
             raise CheckpointError(f"{ema_path} does not fit model.name={cfg.model.name}: "
                                   f"{str(err).splitlines()[-1].strip()}; do not override model.* keys") from None
@@ -170,14 +169,14 @@ def run_probe(weights: str, overrides: list[str], out: str | None) -> Path:
     """evaluate.py --probe: probe the run (folder or checkpoint) `weights`, write the JSON, return its path."""
     from gen.checkpoint import resolve_weights
     from gen.config import load_config
-    from gen.io import atomic_write_text, check_writable
+    from gen.io import atomic_write_text, check_writable_file
 
     ema_path, cfg_path = resolve_weights(weights)
     cfg = load_config(cfg_path, overrides)
     e = cfg.eval
     default = ema_path.parent.parent.parent / f"probe-{e.probe_encoder}-{e.probe_pool}-{cfg.data.name}.json"
     path = Path(out) if out else default
-    check_writable(path.parent, "--out")
+    check_writable_file(path, "--out")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores, protocol = probe_encoder(cfg, ema_path, device)
     atomic_write_text(path, json.dumps({"metrics": scores, "protocol": protocol}, indent=1))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gen.config import ConfigError
-from gen.data import IMAGE_EXTENSIONS, DataError, adm_center_crop, load_rgb
+from gen.data import IMAGE_EXTENSIONS, DataError, adm_center_crop, load_rgb, prescan
 from gen.eval.accumulate import Accumulator, feed
 from gen.io import NpyWriter, atomic_write
 
@@ -39,7 +39,8 @@ class NpzImages:
         try:
             zf = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"{self.path} is not a readable .npz file ({err})") from None
+            raise DataError(f"{self.path} is not a readable .npz file ({err}); give an .npz batch with arr_0 (as "
+                            f"sample.py writes) or a folder of images") from None
         with zf:
             if f"{key}.npy" not in zf.namelist():
                 raise DataError(f"{self.path} holds no '{key}' array (keys: {[n[:-4] for n in zf.namelist()]}); "
@@ -87,7 +88,7 @@ class NpzImages:
 class FolderImages:
     """Image files under a folder (recursive, sorted), as uint8 (n, H, W, 3); ADM center crop when image_size is set."""
 
-    def __init__(self, root: str | Path, image_size: int | None = None):
+    def __init__(self, root: str | Path, image_size: int | None = None, check_files: bool = False):
         self.path, self.image_size = Path(root), image_size
         if not self.path.is_dir():
             raise DataError(f"{self.path} is neither an .npz file nor a folder of images")
@@ -99,6 +100,11 @@ class FolderImages:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.path}")
         self.files = files
         self._shape = None
+        if check_files:  # eval.prescan: every file readable, and of one size unless center-cropped, before any pass
+            sizes = prescan(files, "eval.prescan")
+            odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+            if odd is not None and not image_size:
+                raise _mixed_sizes(files[odd], sizes[odd], sizes[0])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -112,20 +118,24 @@ class FolderImages:
             arr = adm_center_crop(image, self.image_size) if self.image_size else np.asarray(image)
             self._shape = self._shape or arr.shape
             if arr.shape != self._shape:
-                raise DataError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, other images are {self._shape[1]}x"
-                                f"{self._shape[0]}: set eval.image_size to center-crop them all (ADM's crop)")
+                raise _mixed_sizes(path, arr.shape[1::-1], self._shape[1::-1])
             out.append(arr)
         return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 
-def open_images(path: str | Path, image_size: int | None = None) -> NpzImages | FolderImages:
-    """The images of an .npz batch (arr_0) or of a folder."""
+def _mixed_sizes(path, size: tuple, first: tuple) -> DataError:
+    return DataError(f"{path} is {size[0]}x{size[1]}, other images are {first[0]}x{first[1]}: set eval.image_size to "
+                     f"center-crop them all (ADM's crop)")
+
+
+def open_images(path: str | Path, image_size: int | None = None, check_files: bool = False) -> NpzImages | FolderImages:
+    """The images of an .npz batch (arr_0) or of a folder (`check_files`: pre-scanned, see FolderImages)."""
     path = Path(path)
     if path.is_file():
         return NpzImages(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected an .npz batch with arr_0, or a folder of images)")
-    return FolderImages(path, image_size)
+    return FolderImages(path, image_size, check_files)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,10 +168,12 @@ def _not_set() -> ConfigError:
                        " a file written by `evaluate.py --make-reference`, or a folder of images")
 
 
-def check_reference(path, stats, gather, dims: dict[str, int]) -> None:
+def check_reference(path, stats, gather, dims: dict[str, int], image_size: int | None = None,
+                    check_files: bool = False) -> None:
     """Before any feature pass: the reference at `path` (eval.reference) exists and an .npz holds, for each feature of
     `stats`, its mean/covariance pair of the network's width `dims[feature]` or arr_0 images to compute it from, and
-    arr_0 images (uint8 N x H x W x 3) when features are gathered from it (precision/recall)."""
+    arr_0 images (uint8 N x H x W x 3) when features are gathered from it (precision/recall); a folder holds images
+    (`check_files`: all readable, of one size unless center-cropped to `image_size`)."""
     if not stats and not gather:
         return
     if not path:
@@ -170,6 +182,7 @@ def check_reference(path, stats, gather, dims: dict[str, int]) -> None:
     if not path.exists():
         raise FileNotFoundError(f"config key 'eval.reference': {path} does not exist")
     if path.is_dir():
+        FolderImages(path, image_size, check_files)  # images there, readable, of one size (eval.prescan)
         return
     arrays = npz_headers(path)
     lacking = []
@@ -328,7 +341,7 @@ def make_reference(images, out, stats, networks, cfg, device, comm, with_images:
     if not stats and not with_images:
         raise ConfigError("config key 'eval.metrics': no metric needs a reference (fid, sfid, pr or fd_dinov2)")
     out = Path(out)
-    source = open_images(images, cfg.image_size)
+    source = open_images(images, cfg.image_size, cfg.prescan)
     moments = {}
     if stats:
         acc = Accumulator(networks, stats, device=device)

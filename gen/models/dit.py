@@ -62,6 +62,11 @@ class DiTConfig(ComponentConfig):
         width, heads = self.hidden_size or size.get("hidden_size"), self.num_heads or size.get("num_heads")
         check(width is None or heads is None or width % heads == 0, "model.dit.hidden_size",
               f"{width} is not divisible by {heads} heads (model.dit.num_heads)")
+        check(width is None or width % 4 == 0, "model.dit.hidden_size",  # sincos_2d: sin and cos of rows and columns
+              f"{width} is not a multiple of 4, which the 2-D sin-cos position embedding needs")
+        check(not self.rope or width is None or heads is None or width // heads % 4 == 0, "model.dit.num_heads",
+              f"2-D RoPE (model.dit.rope) needs a head width divisible by 4, and {width} / {heads} heads gives "
+              f"{width // heads if width and heads else '?'}; choose other model.dit.hidden_size/num_heads")
 
 
 def _build(variant: str, size: str, patch_size: int, **overrides) -> Transformer:
@@ -181,6 +186,11 @@ class Transformer(AdaLNStack):
         if len(sample_shape) != 3:
             raise ValueError(f"{cfg.model.name} takes (C, H, W) samples, got shape {tuple(sample_shape)}")
         channels, height, width = sample_shape
+        patch = int(cfg.model.name.rsplit("/", 1)[1])  # before building: the latent grid must tile into patches
+        check(height % patch == 0 and width % patch == 0, "data.image_size",
+              f"{cfg.data.image_size} gives {cfg.latent.name} latents of {height}x{width}, which the patch size "
+              f"{patch} of {cfg.model.name} does not divide; use a multiple of "
+              f"{patch * max(1, cfg.data.image_size // height)} or a model with a smaller patch size")
         o = cfg.model.dit
         overrides = {k: getattr(o, k) for k in ("learn_sigma", "depth", "hidden_size", "num_heads")
                      if getattr(o, k) is not None}

@@ -310,7 +310,7 @@ def load_mage(model: MaskedTokenTransformer, path: str | None, key: str) -> Mask
     the local file `path` into `model`, strictly; `key` is the config key that gave the path (named in the errors)."""
     import os
 
-    from gen.io import load_state
+    from gen.io import BadFile, load_state
 
     if path is None or not os.path.isfile(str(path)):
         problem = f"{key} is not set" if path is None else f"{key}={str(path)!r}: no such file"
@@ -324,6 +324,6 @@ def load_mage(model: MaskedTokenTransformer, path: str | None, key: str) -> Mask
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path} ({key}) does not fit the configured MAGE model (its size, K and class slots): "
-                         f"{str(err).splitlines()[1:3]}") from None
+        raise BadFile(f"{path} ({key}) does not fit the configured MAGE model (its size, K and class slots): "
+                      f"{str(err).splitlines()[1:3]}") from None
     return model

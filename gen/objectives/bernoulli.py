@@ -154,6 +154,7 @@ class BernoulliConfig(ComponentConfig):
         for key, steps in (("sampler.num_steps", cfg.sampler.num_steps), ("log.fid_num_steps", cfg.log.fid_num_steps)):
             check(steps is None or 2 <= steps <= self.num_timesteps, key,
                   f"Bernoulli sampling visits 2..objective.bernoulli.num_timesteps={self.num_timesteps} steps")
+        check(cfg.sampler.eta == 0.0, "sampler.eta", "is DDIM's; the Bernoulli sampler takes none (set it to 0)")
 
 
 class BernoulliObjective(Objective):

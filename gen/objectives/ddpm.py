@@ -263,6 +263,10 @@ class DDPMConfig(ComponentConfig):
         """A positive chain length and a registered schedule."""
         in_range("objective.ddpm.num_timesteps", self.num_timesteps, 2)
         check(self.beta_schedule in BETA_SCHEDULES, "objective.ddpm.beta_schedule", f"one of {sorted(BETA_SCHEDULES)}")
+        top = float(BETA_SCHEDULES[self.beta_schedule](self.num_timesteps).max())
+        check(top <= 1.0, "objective.ddpm.num_timesteps",  # linear: betas scaled by 1000/T reach 0.02 * 1000/T
+              f"{self.num_timesteps} steps push the {self.beta_schedule} betas to {top:g} > 1; use at least 20 steps "
+              f"or objective.ddpm.beta_schedule=cosine")
 
 
 class DDPMObjective(DiffusionChain, Objective):

@@ -243,6 +243,7 @@ class FlowConfig(ComponentConfig):
         check(self.time_sampler != "lognormal" or self.path in _TIME_AT_RATIO, "objective.flow.time_sampler",
               f"lognormal is defined for paths {sorted(_TIME_AT_RATIO)} (REPA loss.py); use uniform")
         check(cfg.sampler.heun_guidance in HEUN_GUIDANCE, "sampler.heun_guidance", f"one of {', '.join(HEUN_GUIDANCE)}")
+        check(cfg.sampler.eta == 0.0, "sampler.eta", "is DDIM's stochasticity; flow samplers take none (set it to 0)")
 
 
 class FlowObjective(Objective):
