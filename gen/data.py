@@ -57,7 +57,8 @@ def features_file(name: str, k: int) -> str:
 
 
 def _item(key: str, value: torch.Tensor, label: int, index: int) -> dict:
-    return {key: value, "label": torch.tensor(label, dtype=torch.int64), "index": torch.tensor(index, dtype=torch.int64)}
+    return {key: value, "label": torch.tensor(label, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +213,8 @@ class ImageFolderDataset(Dataset):
             files += found
             labels += [label] * len(found)
         if empty:
-            raise DataError(f"class folders without images in {self.root}: {empty[:5]}{' ...' if len(empty) > 5 else ''}"
+            more = " ..." if len(empty) > 5 else ""
+            raise DataError(f"class folders without images in {self.root}: {empty[:5]}{more}"
                             f"; add images ({', '.join(IMAGE_EXTENSIONS)}) or remove those folders")
         if check_files:
             prescan(files)

@@ -24,7 +24,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def local_weights(path: str | Path | None, key: str, needed: str, published: str) -> Path:
-    """The weights file at `path`, or one FileNotFoundError naming the file, where it is published and the config key."""
+    """The weights file at `path`, or one FileNotFoundError naming the file, where it is published and the config
+    key."""
     hint = f"it needs {needed}, published at {published}; download it once elsewhere, copy it here and set {key}=PATH"
     if path is None or str(path) == "":
         raise FileNotFoundError(f"config key '{key}' is not set: {hint} (nothing is downloaded at run time)")

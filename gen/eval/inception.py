@@ -119,7 +119,8 @@ def random_inception_state(seed: int = 0, live_channels: int | None = None) -> d
         out[name] = value.float().contiguous()
     if live_channels is not None:
         dead = -1e4  # far below any O(1) pre-activation: ReLU gives exact zeros
-        for branch in ("branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"):
+        for branch in ("branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b",
+                       "branch_pool"):
             out[f"Mixed_7c.{branch}.bn.bias"][live_channels:] = dead
         out["Mixed_6d.branch1x1.bn.bias"][1:SPATIAL_CHANNELS] = dead
     return out

@@ -117,7 +117,8 @@ class MetricSuite:
         self._next, self._implicit = 0, False
 
     def update(self, images, index=None) -> None:
-        """Add uint8 images (N, 3, H, W) with their global sample indices (N,); without indices: 0, 1, ... per process."""
+        """Add uint8 images (N, 3, H, W) with their global sample indices (N,); without indices: 0, 1, ... per
+        process."""
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")

@@ -232,7 +232,8 @@ def write_stats(path: str | Path, stats: dict[str, tuple[np.ndarray, np.ndarray]
 
 
 def cache_file(cache_dir: str | Path, source: str | Path, tags: dict) -> Path:
-    """Where computed reference quantities of `source` are cached: keyed by its identity (path, size, mtime) and tags."""
+    """Where computed reference quantities of `source` are cached: keyed by its identity (path, size, mtime) and
+    tags."""
     source = Path(source).resolve()
     st = source.stat()
     key = json.dumps({"source": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **tags}, sort_keys=True)

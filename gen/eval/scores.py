@@ -129,7 +129,8 @@ def manifold_radii(features: Tensor, k: int = 3, mode: str = "fp16") -> Tensor:
 
 
 def precision_recall(reference: Tensor, samples: Tensor, k: int = 3, mode: str = "fp16") -> dict:
-    """{"precision", "recall"}: share of samples inside some reference k-NN ball, and of references inside some sample ball."""
+    """{"precision", "recall"}: share of samples inside some reference k-NN ball, and of references inside some
+    sample ball."""
     if mode not in PR_MODES:
         raise ValueError(f"config key 'eval.pr_mode': {mode!r} is not one of {PR_MODES}")
     reference, samples = reference.float(), samples.to(reference.device).float()
