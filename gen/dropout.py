@@ -53,15 +53,18 @@ def sample_keys(seed: int, first: int, n: int, device) -> Tensor:
     return mix64(index * GAMMA + _int64(seed))
 
 
-def keep_mask(keys: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
-    """(len(keys), *shape) bool, True with probability 1 - p: element j of sample i keeps iff
-    mix64(keys[i] + j * gamma) >= 2^64 p - 2^63 (all 64 bits compared: the rate is exact to 2^-53)."""
+def drop_mask(keys: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
+    """(len(keys), *shape) bool, True (dropped) with probability p: hash k of sample i is mix64(keys[i] + k * gamma),
+    and its low and high 32-bit words (the int32 view of the int64 on a little-endian CPU or GPU) decide elements 2k
+    and 2k + 1: an element drops iff its word, read as a signed int32, is below 2^32 p - 2^31 (2^32 p of the 2^32
+    values: the rate exact to 2^-32). One hash for two elements halves the int64 work."""
     numel = 1
     for size in shape:
         numel *= size
-    j = torch.arange(numel, device=keys.device, dtype=torch.int64).mul_(GAMMA).reshape(shape)
-    z = mix64(keys.reshape(-1, *(1,) * len(shape)) + j)
-    return z >= min(int(p * 2.0 ** 64) - (1 << 63), (1 << 63) - 1)
+    k = torch.arange((numel + 1) // 2, device=keys.device, dtype=torch.int64).mul_(GAMMA)
+    words = mix64(keys[:, None] + k).view(torch.int32)  # (n, 2 * ceil(numel / 2))
+    drop = words < int(p * 2.0 ** 32) - (1 << 31)
+    return drop[:, :numel].reshape(len(keys), *shape)
 
 
 class _Stream:
@@ -121,8 +124,8 @@ class SampleDropout(nn.Module):
         """x with each element zeroed with probability p and the rest scaled by 1 / (1 - p); eval: x."""
         if not self.active:
             return x
-        keep = keep_mask(call_keys(x.shape[0], x.device), tuple(x.shape[1:]), self.p)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        drop = drop_mask(call_keys(x.shape[0], x.device), tuple(x.shape[1:]), self.p)
+        return (x * (1.0 / (1.0 - self.p))).masked_fill_(drop, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -4,7 +4,7 @@ and the training step's keys (StepDraws.micro) giving one forward's result whate
 import pytest
 import torch
 
-from gen.dropout import SampleDropout, _int64, keep_mask, mix64, sample_keys, sample_streams
+from gen.dropout import SampleDropout, _int64, drop_mask, mix64, sample_keys, sample_streams
 from gen.layers import Attention, Block
 from gen.step import StepDraws
 
@@ -32,6 +32,14 @@ def test_mix64_is_splitmix64_and_the_keys_its_stream():
     gamma = 0x9E3779B97F4A7C15
     keys = sample_keys(77, 5, 3, "cpu").tolist()
     assert keys == [_int64(splitmix64_output(77 + i * gamma)) for i in (5, 6, 7)]
+    # Element e of a sample: word e % 2 (low, high) of hash e // 2, as a signed int32, against 2^32 p - 2^31.
+    p, shape = 0.3, (3, 5)  # an odd count of elements: the last hash's high word unused
+    expected = torch.zeros(3, 15, dtype=torch.bool)
+    for i, key in enumerate(keys):
+        for e in range(15):
+            word = (splitmix64_output(key + e // 2 * gamma) >> 32 * (e % 2)) & 0xFFFFFFFF
+            expected[i, e] = word - (word >> 31 << 32) < int(p * 2 ** 32) - 2 ** 31
+    assert torch.equal(drop_mask(torch.tensor(keys), shape, p), expected.reshape(3, *shape))
 
 
 def test_a_samples_mask_depends_on_its_index_not_on_its_batch():
@@ -41,7 +49,7 @@ def test_a_samples_mask_depends_on_its_index_not_on_its_batch():
         assert all(torch.equal(a[first:first + n], b) for a, b in zip(full, part))
     keys = sample_keys(3, 0, 8, "cpu")
     order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(keep_mask(keys[order], (4, 5), 0.5), keep_mask(keys, (4, 5), 0.5)[order])  # batch order
+    assert torch.equal(drop_mask(keys[order], (4, 5), 0.5), drop_mask(keys, (4, 5), 0.5)[order])  # batch order
     # Masks differ between samples, calls and steps.
     a, b, c = full
     assert not any(torch.equal(a[i], a[j]) for i in range(8) for j in range(i))
@@ -116,4 +124,4 @@ def test_the_steps_keys_give_one_result_whatever_the_split():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_masks_equal_cpu_masks():
     keys = sample_keys(9, 3, 4, "cpu")
-    assert torch.equal(keep_mask(keys.cuda(), (3, 33, 33), 0.1).cpu(), keep_mask(keys, (3, 33, 33), 0.1))
+    assert torch.equal(drop_mask(keys.cuda(), (3, 33, 33), 0.1).cpu(), drop_mask(keys, (3, 33, 33), 0.1))
