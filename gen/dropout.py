@@ -106,6 +106,16 @@ def call_keys(n: int, device) -> Tensor:
     return torch.randint(-(1 << 63), (1 << 63) - 1, (n,), device=device, dtype=torch.int64)
 
 
+@torch.compiler.disable
+def call_mask(shape: tuple[int, ...], p: float, device) -> Tensor:
+    """The drop mask of the next dropout call on a tensor of `shape` (dim 0: the samples).
+
+    Always eager, a graph break under torch.compile: inductor folds arange * constant into index expressions whose
+    int64 products overflow, undefined in its generated C++ (a compiled mask came out wrong on CPU), and the
+    stream's call number is Python state."""
+    return drop_mask(call_keys(shape[0], device), tuple(shape[1:]), p)
+
+
 class SampleDropout(nn.Module):
     """nn.Dropout with per-sample counter-based masks (module docstring); dim 0 of the input is the sample."""
 
@@ -124,7 +134,7 @@ class SampleDropout(nn.Module):
         """x with each element zeroed with probability p and the rest scaled by 1 / (1 - p); eval: x."""
         if not self.active:
             return x
-        drop = drop_mask(call_keys(x.shape[0], x.device), tuple(x.shape[1:]), self.p)
+        drop = call_mask(tuple(x.shape), self.p, x.device)
         return (x * (1.0 / (1.0 - self.p))).masked_fill_(drop, 0.0)
 
     def extra_repr(self) -> str:
