@@ -121,6 +121,35 @@ def test_the_steps_keys_give_one_result_whatever_the_split():
             block(x)
 
 
+def test_a_masked_token_training_forward_draws_nothing_from_torchs_generator():
+    """MAGE with dropout through Trainee on the step's draws: torch's global generator is neither read (another
+    global seed, the same loss) nor advanced, so nothing needs seeding it per micro-batch."""
+    from gen.config import load_config
+    from gen.models import build_backbone
+    from gen.objectives import build_objective
+    from gen.step import Trainee
+    from latents import build_latent
+
+    cfg = load_config(None, ["data.image_size=16", "cond.num_classes=10", "model.name=MAGE-T", "latent.name=vq",
+                             "latent.vq.quantizer=palette", "latent.vq.codebook_size=8", "latent.vq.code_dim=3",
+                             "latent.vq.factor=4", "objective.name=masked_tokens", "sampler.sampler=maskgit",
+                             "objective.masked_tokens.mask_schedule=truncnorm",
+                             "objective.masked_tokens.drop_ratio=0.5", "model.mage.dropout=0.1"])
+    latent = build_latent(cfg)
+    torch.manual_seed(0)
+    model = build_backbone(cfg, latent.shape)
+    trainee = Trainee(model, build_objective(cfg, model)).train()
+    x0, labels = torch.randint(0, 8, (6, *latent.shape)), torch.arange(6)
+    draws = StepDraws.draw(trainee.objective, latent, 6, seed=0, step=3, hflip=False, device="cpu")
+    state = torch.get_rng_state()
+    loss = trainee(x0, labels, 3, draws)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    assert torch.equal(trainee(x0, labels, 3, draws)[0], loss)
+    model.eval()
+    assert not torch.equal(trainee(x0, labels, 3, draws)[0], loss)  # dropout was on
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_masks_equal_cpu_masks():
     keys = sample_keys(9, 3, 4, "cpu")
