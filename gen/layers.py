@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gen.dropout import SampleDropout, dropout
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation of tokens (N, T, D) by per-sample shift/scale (N, D)."""
@@ -148,6 +150,9 @@ class Attention(nn.Module):
     """Multi-head self-attention through `F.scaled_dot_product_attention`, optional per-head QK-norm and 2-D RoPE.
 
     `rope` is the (h, w) token grid to rotate queries and keys on (after QK-norm, as LightningDiT); None: off.
+    `drop` > 0: timm's attn_drop and proj_drop (gen.dropout.SampleDropout). While training, the attention weights
+    are then computed explicitly, softmax(q k^T / sqrt(Dh)) with a per-sample mask, then applied to v (timm's
+    Attention, as MAE/MAGE/ADDP use it); eval, or no dropout: SDPA.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope: tuple[int, int] | None = None,
@@ -163,8 +168,8 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.rope = Rope2D(self.head_dim, rope) if rope is not None else None  # no parameters, no state
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop = float(drop)  # on the attention weights while training (timm's attn_drop)
-        self.proj_drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.attn_drop = SampleDropout(drop) if drop > 0 else None  # on the attention weights (timm's attn_drop)
+        self.proj_drop = dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""
@@ -174,8 +179,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)  # (N, H, T, Dh)
-        p = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p) if p > 0 else F.scaled_dot_product_attention(q, k, v)
+        if self.attn_drop is not None and self.attn_drop.active:
+            x = self.attn_drop(((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, t, d)))  # x: (N, H, T, Dh)
 
 
@@ -236,8 +243,8 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop1 = nn.Dropout(drop) if drop > 0 else nn.Identity()  # timm's Mlp: after the activation and fc2
-        self.drop2 = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.drop1 = dropout(drop)  # timm's Mlp: after the activation and after fc2
+        self.drop2 = dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T, D)."""

@@ -12,12 +12,14 @@ requires_grad accordingly and the trainer re-wraps the module with Accelerate wh
 Randomness: every random input of an optimizer step (the objective's and the conditioning's draws, the latent
 space's posterior noise, flips, the aligners' uniforms) is drawn for the whole global batch from one generator
 seeded by (seed, step); each process takes its slice of each micro-step (per-batch draws whole), so a run does not
-depend on the number of processes nor on how the global batch is split into accumulation steps.
+depend on the number of processes nor on how the global batch is split into accumulation steps. Dropout masks inside
+the forward come from per-sample counter-based streams of (seed, step, global sample index) (gen.dropout), with the
+same property.
 """
 from __future__ import annotations
 
 from collections.abc import Collection
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from gen.aligner import AlignBatch, Aligner
 from gen.cond import Cond, as_cond
+from gen.dropout import sample_streams
 from gen.io import to_rgb
 
 
@@ -37,7 +40,8 @@ class StepDraws:
     uniform: Tensor  # (N,) U(0, 1) per sample, the aligners' own randomness (SRA's u)
     flip: Tensor | None = None  # (N,) bool, horizontal flips (data.hflip)
     per_batch: frozenset[str] = frozenset()  # objective/latent draws that hold one value for the whole batch
-    rng_seed: int | None = None  # host int seeding torch's global RNG for a (micro-)batch's forward (dropout)
+    dropout_seed: int | None = None  # host int of (seed, step) keying the forward's dropout masks (gen.dropout)
+    first: int = 0  # index in the global batch of the first sample here
 
     @classmethod
     def draw(cls, objective, latent, n: int, seed: int, step: int, hflip: bool, device) -> StepDraws:
@@ -62,21 +66,14 @@ class StepDraws:
 
         return replace(self, objective=cut(self.objective), latent=cut(self.latent), uniform=self.uniform[part],
                        flip=None if self.flip is None else self.flip[part],
-                       rng_seed=None if self.rng_seed is None else (self.rng_seed * 65_537 + start) % 2 ** 62)
+                       first=self.first + start)
 
-    @contextmanager
-    def global_rng(self, device):
-        """torch's global RNG (CPU, and `device`'s if CUDA) seeded by this micro-batch's `rng_seed` (a host int from
-        the run's seed, the step and the micro-batch's first sample: no device read), restored afterwards: what draws
-        from it in the forward (dropout) repeats on resume. The masks depend on how the batch is split, so a run with
-        dropout is not invariant to the number of processes. No seed: left alone."""
-        if self.rng_seed is None:
-            yield
-            return
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.rng_seed)
-            yield
+    def dropout_streams(self, n: int, device):
+        """The context of a forward of these n samples: its dropout masks are functions of (dropout_seed, global
+        sample index, call, element) only (gen.dropout.sample_streams), so they do not depend on the batch split
+        and repeat on resume. No seed (draws not from `draw`): masks from torch's global generator."""
+        return sample_streams(self.dropout_seed, self.first, n, device) if self.dropout_seed is not None \
+            else nullcontext()
 
 
 def model_inputs(batch: dict, latent, conditioning, draws: StepDraws,
@@ -206,7 +203,7 @@ class Trainee(nn.Module):
     def forward(self, x0: Tensor, cond: Cond, step: int, draws: StepDraws, pixels: Tensor | None = None,
                 target_feats: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """loss = denoise + sum_i weight_i(step) * aligner_i (per sample), and the terms for logging."""
-        with draws.global_rng(x0.device):
+        with draws.dropout_streams(x0.shape[0], x0.device):
             if self.phase == "warmup":
                 return self._warmup_forward(x0, cond, step, draws, pixels, target_feats)
             return self._forward(x0, cond, step, draws, pixels, target_feats)

@@ -221,8 +221,9 @@ def test_frozen_parts_stay_out_of_the_optimizer_ema_and_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """The per-batch grid levels and per-sample scores split over 2 processes like over 1 (MAGE predictor). Slow
-    (~45 s): StepDraws' handling of per-batch draws is in the default suite (test_contracts)."""
+    """The per-batch grid levels, per-sample scores and dropout masks split over 2 processes like over 1 (MAGE
+    predictor). Slow (~45 s): StepDraws' handling of per-batch draws is in the default suite (test_contracts)."""
     from helpers import assert_two_processes_match_one
 
-    assert_two_processes_match_one(tmp_path, [*JOB, *save_predictor(tmp_path / "mage.pth")], lr=1e-3, steps=3)
+    assert_two_processes_match_one(tmp_path, [*JOB, *save_predictor(tmp_path / "mage.pth"), "model.addp.dropout=0.1"],
+                                   lr=1e-3, steps=3)

@@ -138,12 +138,13 @@ def test_repa_on_the_encoder_tokens_trains_a_step(tmp_path):
 
 
 def test_dropout_draws_only_while_training_and_zero_builds_none():
-    from torch import nn
+    from gen.dropout import SampleDropout
 
     plain, _, _ = toy()
-    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())  # the default: no random draws at all
+    assert not any(isinstance(m, SampleDropout) for m in plain.modules())  # the default: no random draws at all
     model, _, _ = toy("model.addp.dropout=0.1")
-    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 1 + 3 * 3  # embeddings + 3 per block
+    # embeddings + 4 per block (attention weights, attention output, the MLP's two)
+    assert sum(isinstance(m, SampleDropout) for m in model.modules()) == 1 + 4 * 3
     assert model.state_dict().keys() == plain.state_dict().keys()
     model.load_state_dict(plain.state_dict())
     x, ids, mask = inputs(2)
@@ -170,7 +171,7 @@ def test_embedding_init_scale():
 
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_resume_with_dropout_equals_the_uninterrupted_run(tmp_path):
-    """Dropout masks come from the global RNG, which checkpoints hold for every process: 2 + 2 steps equal 4."""
+    """Dropout masks are functions of (seed, step, sample, call, element) (gen.dropout): 2 + 2 steps equal 4."""
     import train as train_job
     from safetensors.torch import load_file
 

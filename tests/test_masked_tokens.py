@@ -131,11 +131,12 @@ def test_tiny_predictor_overfits_a_batch():
 
 
 def test_dropout_only_while_training_and_the_embedding_init_scale():
-    from torch import nn
+    from gen.dropout import SampleDropout
 
     plain, dropped = tiny(num_classes=4), tiny(num_classes=4, dropout=0.1)
-    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())  # the default draws nothing
-    assert sum(isinstance(m, nn.Dropout) for m in dropped.modules()) == 1 + 3 * 4  # embeddings + 3 per block
+    assert not any(isinstance(m, SampleDropout) for m in plain.modules())  # the default draws nothing
+    # embeddings + 4 per block (attention weights, attention output, the MLP's two)
+    assert sum(isinstance(m, SampleDropout) for m in dropped.modules()) == 1 + 4 * 4
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in dropped.state_dict().items())  # same parameters
     ids, cond, t = torch.randint(0, K, (2, *GRID)), torch.tensor([0, 1]), torch.zeros(2)
     dropped.eval()
@@ -248,14 +249,14 @@ def test_released_predictor_loads_and_computes_the_reference_network(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Through the jobs: two processes equal one, with MAGE's per-batch ratios and token drop (slow, ~45 s).
+# Through the jobs: two processes equal one, with MAGE's per-batch ratios, token drop and dropout (slow, ~45 s).
 
 JOB = ["data.name=digits", "data.image_size=16", "data.num_workers=0", "cond.num_classes=10", "model.name=MAGE-T",
        "latent.name=vq", "latent.vq.quantizer=palette", "latent.vq.codebook_size=8", "latent.vq.code_dim=3",
        "latent.vq.factor=4", "objective.name=masked_tokens", "objective.masked_tokens.mask_schedule=truncnorm",
        "objective.masked_tokens.per_batch=true", "objective.masked_tokens.drop_ratio=0.5", "sampler.sampler=maskgit",
        "sampler.num_steps=4", "train.global_batch_size=16", "train.lr=1e-3", "train.max_steps=3", "log.tracker=none",
-       "log.every_steps=1", "log.preview_every_steps=0", "train.ema_decay=0.9"]
+       "log.every_steps=1", "log.preview_every_steps=0", "train.ema_decay=0.9", "model.mage.dropout=0.1"]
 
 
 @pytest.mark.slow

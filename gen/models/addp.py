@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from gen.cond import as_cond
 from gen.config import check
+from gen.dropout import dropout as sample_dropout
 from gen.layers import Block, PatchEmbed
 from gen.models.base import Backbone, BackboneOutput, ImageFeatures
 from gen.models.mage import MlmLayer, TokenNetConfig
@@ -112,7 +113,7 @@ class ADDPNet(Backbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, d))
         self.tokenizer_norm = nn.LayerNorm(d, eps=1e-6)
-        self.tokenizer_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.tokenizer_dropout = sample_dropout(dropout)
         self.blocks = nn.ModuleList(Block(d, num_heads, drop=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_embed = nn.Linear(d, d)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from gen.cond import as_cond
 from gen.config import ComponentConfig, check
+from gen.dropout import dropout as sample_dropout
 from gen.layers import Block
 from gen.models.base import Backbone, BackboneOutput
 from gen.validation import in_range
@@ -60,9 +61,9 @@ class TokenNetConfig(ComponentConfig):
     widths learn much faster with a larger value (the digits quickstarts: 1.0)."""
     dropout: float = 0.0
     """Dropout while training (MAGE, ADDP: 0.1): after the embeddings' LayerNorm and in every encoder and decoder
-    block (attention weights, attention output, MLP; gen.layers.Block). Not invariant to the number of processes
-    (each micro-batch's masks come from a seed of its step and first sample); resume stays exact
-    (gen.step.StepDraws.global_rng)."""
+    block (attention weights, attention output, MLP; gen.layers.Block). Each sample's masks are a function of the
+    run's seed, the step and its index in the global batch (gen.dropout): the same on any number of processes and
+    exact on resume."""
 
     def validate_token_options(self, section: str) -> None:
         """Dropout in [0, 1) and a positive init scale, named under `section` (model.mage / model.addp)."""
@@ -132,7 +133,7 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, width)
         self.position_embeddings = nn.Embedding(positions, width)
         self.LayerNorm = nn.LayerNorm(width, eps=1e-6)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = sample_dropout(dropout)
 
     def forward(self, ids: Tensor) -> Tensor:
         """(N, T) long -> (N, T, D)."""
