@@ -53,15 +53,16 @@ EXPLORE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 class Suite:
     """Runs the items within a time budget and keeps the results (JSON after each item)."""
 
-    def __init__(self, out: Path, budget: float, device: torch.device, only: list[str] | None = None):
+    def __init__(self, out: Path, budget: float, device: torch.device, only: list[str] | None = None,
+                 skip: list[str] | None = None):
         self.out, self.budget, self.device, self.start = out, budget, device, time.perf_counter()
-        self.only = tuple(only) if only else None
+        self.only, self.skip = tuple(only) if only else None, tuple(skip) if skip else None
         self.results: dict = {"device": device_name(device), "torch": torch.__version__, "items": {}}
         out.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, fn, *args, **kwargs) -> dict | None:
         """fn(*args, **kwargs) -> dict of figures, recorded under `name`; a failure is recorded, not raised."""
-        if self.only and not name.startswith(self.only):
+        if (self.only and not name.startswith(self.only)) or (self.skip and name.startswith(self.skip)):
             return None
         spent = time.perf_counter() - self.start
         if spent > self.budget:
@@ -73,11 +74,13 @@ class Suite:
         except Exception as err:  # noqa: BLE001 - one failing item must not lose the others' figures
             row = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         row["wall_s"] = round(time.perf_counter() - t0, 1)
+        if self.device.type == "cuda":  # compiled code holds the item's model: free it, and show what stays
+            torch._dynamo.reset()
+            reset_memory(self.device)
+            row["left_allocated_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 2)
         self.results["items"][name] = row
         print(f"[{time.perf_counter() - self.start:6.0f} s] {name}: {json.dumps(row)}", flush=True)
         (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         return row
 
 
@@ -310,13 +313,14 @@ def main() -> None:
     parser.add_argument("--xl-batch", type=int, default=64, help="SiT-XL/2 training batch")
     parser.add_argument("--sample-steps", type=int, default=20, help="timed SDE steps (figures scaled to 250)")
     parser.add_argument("--only", nargs="*", default=None, help="only items whose name starts with one of these")
+    parser.add_argument("--skip", nargs="*", default=None, help="leave out items whose name starts with one of these")
     parser.add_argument("--explore", action="store_true",
                         help="also SiT-XL/2 + REPA at batch 128 and 192 under each torch.compile mode (EXPLORE_MODES)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    suite = Suite(args.out, args.budget, device, args.only)
+    suite = Suite(args.out, args.budget, device, args.only, args.skip)
     run = suite.run
 
     models = [("SiT-S/2", 2, 1)] if args.quick else [("SiT-XL/2", args.xl_batch, 10), ("SiT-B/2", 128, 10)]
@@ -350,7 +354,7 @@ def main() -> None:
         eval_rows(suite, Path(tmp), device, args.quick)
     if args.explore and not args.quick:  # last: the default items keep their budget
         flops = 3 * forward_flops(build_model("SiT-XL/2", input_size=32), 32)
-        for big, mode in [(b, m) for b in (128, 192) for m in EXPLORE_MODES]:
+        for big, mode in [(b, m) for m in EXPLORE_MODES for b in (128, 192)]:  # autotuning takes minutes
             run(f"train_SiT-XL/2_repa_compiled_batch{big}_{mode}", train_row, "SiT-XL/2", big, "cached", mode, device,
                 10, 3, flops)
     estimate = fid50k_estimate(suite.results["items"])
