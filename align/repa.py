@@ -153,7 +153,9 @@ class REPA(Aligner):
     def targets(self, name: str, batch: AlignBatch, device: torch.device) -> Tensor:
         """Encoder `name`'s tokens (N, T, d) for the batch: cached when present, else computed on the clean images."""
         if batch.target_feats is not None and name in batch.target_feats:
-            return batch.target_feats[name].to(device)
+            # Asynchronous from the loader's pinned memory: a blocking copy here, after the backbone's forward is
+            # queued, would make the host wait for that forward every step.
+            return batch.target_feats[name].to(device, non_blocking=True)
         encoder = self.encoders.get(name)
         if encoder is None or batch.pixels is None:
             raise ValueError(f"REPA target {name!r}: not in batch.target_feats and "

@@ -111,14 +111,22 @@ def encoder_file() -> str:
 
 
 def make_batch(n: int, seed: int = SEED, tokens: int = 256) -> dict:
-    """Synthetic data on the host: uint8 images, SD-VAE posterior moments (mean, std), labels, DINOv2 features."""
+    """Synthetic data on the host: uint8 images, SD-VAE posterior moments (mean, std), labels, DINOv2 features
+    (float16, as prepare.py caches them)."""
     g = torch.Generator().manual_seed(seed)
     mean = torch.randn(n, *LATENT, generator=g)
     std = 0.05 + 0.1 * torch.rand(n, *LATENT, generator=g)
     return {"image": torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g),
             "raw": torch.cat([mean, std], dim=1),
             "label": torch.randint(0, NUM_CLASSES, (n,), generator=g),
-            "feats": {ENCODER: torch.randn(n, tokens, ENCODERS[ENCODER].dim, generator=g)}}
+            "feats": {ENCODER: torch.randn(n, tokens, ENCODERS[ENCODER].dim, generator=g).half()}}
+
+
+def pinned(batch: dict, device) -> dict:
+    """The batch in pinned host memory when training on a GPU, as both train.py's and REPA's DataLoaders give it."""
+    if torch.device(device).type != "cuda":
+        return batch
+    return {k: pinned(v, device) if isinstance(v, dict) else v.pin_memory() for k, v in batch.items()}
 
 
 def _size(model: str) -> str:
@@ -188,7 +196,7 @@ class ReferenceStep:
         self.loss_fn = ref.loss.SILoss(prediction="v", path_type="linear", weighting="uniform",
                                        encoders=[self.encoder], accelerator=None, latents_scale=scale,
                                        latents_bias=bias)
-        self.batch = make_batch(batch)
+        self.batch = pinned(make_batch(batch), self.device)
 
     def _losses(self):
         """The loop body up to the loss (REPA train.py: posterior sample, encoder, SILoss under autocast)."""
@@ -296,6 +304,7 @@ class OurStep:
             self.batch["image"] = data["image"]  # model_inputs reads cached latents; the encoder reads the images
         else:
             self.batch["feats"] = data["feats"]
+        self.batch = pinned(self.batch, device)
         self.meters = RunningMeans()
         self.first_bad = torch.full((), -1.0, device=device)
         self.step = 0
