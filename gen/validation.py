@@ -77,6 +77,10 @@ def _validate_sampler(cfg: Config) -> None:
     s = cfg.sampler
     in_range("sampler.num_steps", s.num_steps, 1)
     in_range("sampler.cfg_scale", s.cfg_scale, 0.0, why="1 disables guidance")
+    check(s.cfg_scale == 1.0 or cfg.cond.label_dropout > 0, "sampler.cfg_scale",
+          f"is {s.cfg_scale:g}, but cond.label_dropout=0: the null condition is never trained, so guidance would "
+          f"extrapolate from an untrained embedding; set sampler.cfg_scale=1, or train with cond.label_dropout > 0 "
+          f"(DiT, SiT and REPA use 0.1)")
     in_range("sampler.eta", s.eta, 0.0)
     check(s.precision in ("fp32", "tf32", "bf16"), "sampler.precision", "one of fp32, tf32, bf16")
     lo_hi = s.cfg_interval
