@@ -135,19 +135,28 @@ class MetricSuite:
     def check_count(self, n: int, source) -> None:
         """Before any pass: refuse `n` samples of `source` that are too few for a metric (see `min_samples`)."""
         for name in self.metrics:
-            need = min_samples(name, self.cfg)
+            need, needs, fix = self._requirement(name)
             if n < need:
-                raise DataError(f"{source} holds {n} image(s), and {name} needs at least {need}"
-                                f"{' (eval.pr_k + 1)' if name == 'pr' else ''}; give more samples"
-                                f"{' or lower eval.pr_k' if name == 'pr' else ''}")
+                raise DataError(f"{source} holds {n} image(s), and {needs}; give more samples{fix}")
+
+    def _requirement(self, name: str) -> tuple[int, str, str]:
+        """(images metric `name` needs, the clause saying so, the other fix than more images)."""
+        need = min_samples(name, self.cfg)
+        if name == "pr":
+            return need, f"pr needs at least {need} (eval.pr_k + 1)", " or lower eval.pr_k"
+        return need, f"{name} needs at least {need}", ""
 
     def check_reference(self) -> None:
         """Check eval.reference holds what these metrics need (keys, shapes), from its headers: before any pass."""
         if self.reference is None:
             specs = self.metrics.values()
             dims = {f: d for net in self.networks.values() for f, d in net.dims.items()}
+            # the reference's own images, where they are read, feed the same statistics and k-NN radii
+            need = max((self._requirement(name) for name, m in self.metrics.items() if m.stats or m.gather),
+                       default=(1, "", ""))
             check_reference(self.cfg.reference, {f for m in specs for f in m.stats},
-                            {f for m in specs for f in m.gather}, dims, self.cfg.image_size, self.cfg.prescan)
+                            {f for m in specs for f in m.gather}, dims, self.cfg.image_size, self.cfg.prescan,
+                            min_images=need)
 
     def resolve_reference(self) -> Reference:
         """The reference for these metrics, resolved once (collective when it is computed from images)."""

@@ -169,11 +169,12 @@ def _not_set() -> ConfigError:
 
 
 def check_reference(path, stats, gather, dims: dict[str, int], image_size: int | None = None,
-                    check_files: bool = False) -> None:
+                    check_files: bool = False, min_images: tuple[int, str, str] = (1, "", "")) -> None:
     """Before any feature pass: the reference at `path` (eval.reference) exists and an .npz holds, for each feature of
     `stats`, its mean/covariance pair of the network's width `dims[feature]` or arr_0 images to compute it from, and
     arr_0 images (uint8 N x H x W x 3) when features are gathered from it (precision/recall); a folder holds images
-    (`check_files`: all readable, of one size unless center-cropped to `image_size`)."""
+    (`check_files`: all readable, of one size unless center-cropped to `image_size`). Reference images, where they
+    are read, number at least `min_images` = (count, the clause naming who needs them, the other fix)."""
     if not stats and not gather:
         return
     if not path:
@@ -182,7 +183,8 @@ def check_reference(path, stats, gather, dims: dict[str, int], image_size: int |
     if not path.exists():
         raise FileNotFoundError(f"config key 'eval.reference': {path} does not exist")
     if path.is_dir():
-        FolderImages(path, image_size, check_files)  # images there, readable, of one size (eval.prescan)
+        folder = FolderImages(path, image_size, check_files)  # images there, readable, of one size (eval.prescan)
+        _enough_images(path, len(folder), min_images)
         return
     arrays = npz_headers(path)
     lacking = []
@@ -202,6 +204,14 @@ def check_reference(path, stats, gather, dims: dict[str, int], image_size: int |
                         f"`evaluate.py --make-reference`")
     if lacking or gather:
         NpzImages(path)  # arr_0 must be uint8 NHWC RGB
+        _enough_images(path, arrays["arr_0"][0][0], min_images)
+
+
+def _enough_images(path: Path, n: int, min_images: tuple[int, str, str]) -> None:
+    need, needs, fix = min_images
+    if n < need:
+        raise DataError(f"config key 'eval.reference': {path} holds {n} reference image(s), and {needs}; give a "
+                        f"larger reference{fix}")
 
 
 def read_stats(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], bool]:
