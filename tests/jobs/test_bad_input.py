@@ -98,6 +98,9 @@ CASES = [
      ["'align.sra.student_layer'", "must lie in 1..1"]),
     ("guidance interval reversed", train_job, lambda d, r, i: train_args(d, "sampler.cfg_interval=[0.8,0.2]"),
      ["'sampler.cfg_interval'", "low <= high"]),
+    ("guidance without label dropout", train_job, lambda d, r, i: train_args(d, "cond.label_dropout=0",
+                                                                             "sampler.cfg_scale=2"),
+     ["'sampler.cfg_scale'", "is 2, but cond.label_dropout=0", "set sampler.cfg_scale=1"]),
     ("sampler of another objective", train_job, lambda d, r, i: train_args(d, "sampler.sampler=ddim"),
      ["'sampler.sampler'", "not a flow sampler", "heun"]),
     ("eta for a flow sampler", train_job, lambda d, r, i: train_args(d, "sampler.eta=0.5"),
@@ -131,6 +134,9 @@ CASES = [
      ["'sample.out'", "s.npz is a folder, not a file"]),
     ("sample with eta", sample_job, lambda d, r, i: [r, "sampler.eta=0.5", f"sample.out={d / 's.npz'}"],
      ["'sampler.eta'"]),
+    ("sample with guidance, trained without label dropout", sample_job, lambda d, r, i: [
+        r, "cond.label_dropout=0", "sampler.cfg_scale=1.5", f"sample.out={d / 's.npz'}"],
+     ["'sampler.cfg_scale'", "never trained"]),
     ("sample a folder without checkpoint", sample_job, lambda d, r, i: [d],
      ["holds no checkpoint with ema.safetensors and config.yaml", "pass a run folder"]),
     # evaluate.py: the samples and the reference are checked before the Inception pass
@@ -152,6 +158,13 @@ CASES = [
                                                *scores()(d, i)], ["'arr_0' is float32", "expected uint8 (N, H, W, 3)"]),
     ("one image for FID", evaluate, lambda d, r, i: [npz(d / "s.npz", np.zeros((1, 12, 12, 3), np.uint8)),
                                                      *scores()(d, i)], ["holds 1 image(s), and fid needs at least 2"]),
+    ("a reference too small for k neighbours", evaluate, lambda d, r, i: [
+        pngs(d / "f", sizes=((12, 12),) * 5), *scores("eval.metrics=[pr]")(d, i)[:1], "eval.metrics=[pr]",
+        f"eval.reference={npz(d / 'small.npz', np.zeros((3, 12, 12, 3), np.uint8))}"],
+     ["small.npz holds 3 reference image(s), and pr needs at least 4 (eval.pr_k + 1)", "lower eval.pr_k"]),
+    ("a reference folder too small for FID", evaluate, lambda d, r, i: [
+        pngs(d / "f"), *scores(f"eval.reference={pngs(d / 'r', sizes=((12, 12),))}")(d, i)],
+     ["r holds 1 reference image(s), and fid needs at least 2", "larger reference"]),
     ("k neighbours of too few images", evaluate, lambda d, r, i: [
         npz(d / "s.npz", np.zeros((3, 12, 12, 3), np.uint8)), *scores("eval.metrics=[pr]")(d, i)],
      ["pr needs at least 4 (eval.pr_k + 1)", "lower eval.pr_k"]),
