@@ -85,3 +85,20 @@ def test_sample_refuses_an_output_another_job_writes(tmp_path):
     assert not out.exists() and not (tmp_path / ".tmp-s").exists()
     sample_job.main([str(run_dir), "sample.num_samples=2", f"sample.out={out}", "sampler.num_steps=2"])
     assert out.is_file()
+
+
+def test_two_process_train_refuses_a_held_run_dir_on_every_rank(tmp_path):
+    """Under `accelerate launch` with 2 processes, the main process's verdict on a held lock reaches the other rank:
+    both end with the one-line error (no rank hangs waiting for the other, none writes)."""
+    from helpers import run_job
+
+    run_dir = tmp_path / "run"
+    with FolderLock(run_dir, "another job"):
+        done = run_job("train.py", ["configs/quickstart.yaml", *TINY, f"train.run_dir={run_dir}",
+                                    "train.max_steps=1"], processes=2)
+        assert sorted(p.name for p in run_dir.iterdir()) == [FolderLock.NAME]
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all('held by another job ({"job": "another job"' in e for e in errors), done.stderr
+    ranks = done.stderr.split("torch/distributed/elastic")[0]  # what follows is the launcher's own report
+    assert "Traceback" not in ranks

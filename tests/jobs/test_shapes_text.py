@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import REPO, assert_two_processes_match_one, tiny_clip
 from safetensors.torch import load_file
+from test_shapes import TINY as SHAPES_TINY
 
 import prepare as prepare_job
 import sample as sample_job
@@ -21,13 +22,8 @@ from gen.text import TEXT_FEATURE, TextEncoder
 from latents.mosaic_sdf.procedural import CLASSES, ProceduralShapes, caption, write_folder
 
 CONFIG = REPO / "configs" / "quickstart_3d_text.yaml"
-TINY = ["latent.mosaic_sdf.n=16", "latent.mosaic_sdf.k=3", "latent.mosaic_sdf.surface_samples=600",
-        "latent.mosaic_sdf.mc_resolution=24", "latent.mosaic_sdf.render_size=32", "model.set_transformer.depth=2",
-        "model.set_transformer.hidden_size=32", "model.set_transformer.num_heads=2", "train.global_batch_size=4",
-        "train.ckpt_every_steps=1", "train.keep_checkpoints=0", "log.every_steps=1", "log.preview_every_steps=2",
-        "log.preview_num=6", "data.num_workers=0", "sampler.num_steps=3", "sample.num_samples=4",
-        "sample.batch_per_process=4", "sample.grid_num=4", "sample.metrics=[]", "cond.text_dim=16",
-        "cond.text_tokens=8"]
+TINY = [*SHAPES_TINY, "log.preview_every_steps=2", "log.preview_num=6", "sample.metrics=[]", "cond.text_dim=16",
+        "cond.text_tokens=8"]  # the untexted tests' sizes, with text tokens and previews
 ITEMS = 12  # 3 shards of 4
 
 
