@@ -45,12 +45,14 @@ def kind_of(name: str) -> str:
 
 def _device_events(prof, device: torch.device) -> list[tuple[str, float]]:
     """(name, self time in seconds, summed over the profiled steps) of the device's kernels (GPU) or of the leaf ops
-    (CPU: an op's self time excludes its children, so nothing is counted twice)."""
+    (CPU: an op's self time excludes its children, so nothing is counted twice). On the GPU, user annotations
+    (record_function ranges such as `Optimizer.step#AdamW.step`) span kernels already counted: left out, as torch's
+    own table leaves them out of its device total."""
     rows = []
     for evt in prof.key_averages():
         if device.type == "cuda":
-            sec = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)) * 1e-6
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
+            sec = evt.self_device_time_total * 1e-6
+            if evt.device_type != torch.autograd.DeviceType.CUDA or evt.is_user_annotation:
                 continue
         else:
             sec = evt.self_cpu_time_total * 1e-6
