@@ -22,7 +22,6 @@ Not built: the reference's unused `decoder_pos_embed`, `decoder_pred`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +32,6 @@ from gen.dropout import dropout as sample_dropout
 from gen.layers import Block, PatchEmbed
 from gen.models.base import Backbone, BackboneOutput, ImageFeatures
 from gen.models.mage import MlmLayer, TokenNetConfig
-from gen.validation import in_range
 
 SIZES: dict[str, dict[str, int]] = {
     # ADDP addp_vit_base_patch16 / addp_vit_large_patch16 (decoder depth 8: configs/release); T: a test-size model.
@@ -56,28 +54,12 @@ class ADDPNetConfig(TokenNetConfig):
     """Condition the token decoder on the class label (not in ADDP, which is unconditional): the cls slot holds the
     id embedding of K + label (the null label cond.num_classes for dropout and guidance) instead of the mask token;
     the pixel encoder never sees the label. With cond.label_dropout, sampler.cfg_scale guides the logits."""
-    depth: Optional[int] = None
-    """Encoder blocks; null keeps the size table's value."""
-    hidden_size: Optional[int] = None
-    """Encoder (and decoder) width; null keeps the size table's value."""
-    num_heads: Optional[int] = None
-    """Encoder heads; null keeps the size table's value."""
-    decoder_depth: Optional[int] = None
-    """Decoder blocks; null keeps the size table's value (ADDP: 8)."""
-    decoder_num_heads: Optional[int] = None
-    """Decoder heads; null keeps the size table's value (ADDP: 16)."""
-
-    def sizes(self, name: str) -> dict[str, int]:
-        """The size table's entry of model `name` with this section's overrides."""
-        table = SIZES[ADDPNet.SIZES_OF.get(name, "T")]
-        return {k: getattr(self, k) if getattr(self, k) is not None else table[k] for k in table}
+    def size_table(self, name: str) -> dict[str, int]:
+        return SIZES[ADDPNet.SIZES_OF.get(name, "T")]
 
     def validate(self, cfg) -> None:
         """Positive sizes, widths the heads divide, and patches the size of the tokenizer's cells."""
-        for key in ("depth", "hidden_size", "num_heads", "decoder_depth", "decoder_num_heads"):
-            in_range(f"model.addp.{key}", getattr(self, key), 1, nullable=True)
-        self.validate_token_options("model.addp")
-        s = self.sizes(cfg.model.name)
+        s = self.validate_token_options("model.addp", cfg.model.name)
         for heads in ("num_heads", "decoder_num_heads"):
             check(s["hidden_size"] % s[heads] == 0, f"model.addp.{heads}",
                   f"{s[heads]} heads do not divide the width {s['hidden_size']}")

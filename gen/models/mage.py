@@ -48,12 +48,23 @@ SIZES: dict[str, dict[str, int]] = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16, decoder_depth=8, decoder_hidden_size=1024,
               decoder_num_heads=16),
 }
-SIZE_KEYS = tuple(SIZES["B"])
 
 
 @dataclass
 class TokenNetConfig(ComponentConfig):
-    """What MAGE's and ADDP's token transformers share: dropout and the scale of the N(0, 0.02) table init."""
+    """What MAGE's and ADDP's token transformers share: size overrides of their size tables, dropout and the scale of
+    the N(0, 0.02) table init. A subclass gives its size table (`size_table`)."""
+
+    depth: Optional[int] = None
+    """Encoder blocks; null keeps the size table's value."""
+    hidden_size: Optional[int] = None
+    """Encoder width (ADDP: the decoder's too); null keeps the size table's value."""
+    num_heads: Optional[int] = None
+    """Encoder heads; null keeps the size table's value."""
+    decoder_depth: Optional[int] = None
+    """Decoder blocks; null keeps the size table's value (MAGE, ADDP: 8)."""
+    decoder_num_heads: Optional[int] = None
+    """Decoder heads; null keeps the size table's value (MAGE, ADDP: 16)."""
 
     embed_init_std: float = 0.02
     """Std of the normal init of the id table and the token/decoder position tables (MAGE, ADDP: 0.02; ADDP's pixel
@@ -65,10 +76,23 @@ class TokenNetConfig(ComponentConfig):
     run's seed, the step and its index in the global batch (gen.dropout): the same on any number of processes and
     exact on resume."""
 
-    def validate_token_options(self, section: str) -> None:
-        """Dropout in [0, 1) and a positive init scale, named under `section` (model.mage / model.addp)."""
+    def size_table(self, name: str) -> dict[str, int]:
+        """The size table's entry of model `name` (e.g. MAGE-B): every size key of this family."""
+        raise NotImplementedError
+
+    def sizes(self, name: str) -> dict[str, int]:
+        """The size table's entry of model `name` with this section's overrides."""
+        table = self.size_table(name)
+        return {k: table[k] if getattr(self, k) is None else getattr(self, k) for k in table}
+
+    def validate_token_options(self, section: str, name: str) -> dict[str, int]:
+        """Positive size overrides, dropout in [0, 1) and a positive init scale, named under `section` (model.mage /
+        model.addp); returns model `name`'s sizes."""
+        for key in self.size_table(name):
+            in_range(f"{section}.{key}", getattr(self, key), 1, nullable=True)
         in_range(f"{section}.dropout", self.dropout, 0.0, 1.0, below=True)
         in_range(f"{section}.embed_init_std", self.embed_init_std, 0.0, above=True)
+        return self.sizes(name)
 
 
 @dataclass
@@ -82,18 +106,8 @@ class MageConfig(TokenNetConfig):
     """Ignore labels: every sample gets the fake class id K + fake_class_slot (MAGE, unconditional)."""
     fake_class_slot: int = 76
     """Class slot of the unconditional model's fake class (MAGE: 76, i.e. id 1100 for K = 1024)."""
-    depth: Optional[int] = None
-    """Encoder blocks; null keeps the size table's value."""
-    hidden_size: Optional[int] = None
-    """Encoder width; null keeps the size table's value."""
-    num_heads: Optional[int] = None
-    """Encoder heads; null keeps the size table's value."""
-    decoder_depth: Optional[int] = None
-    """Decoder blocks; null keeps the size table's value (MAGE: 8)."""
     decoder_hidden_size: Optional[int] = None
     """Decoder width; null keeps the size table's value."""
-    decoder_num_heads: Optional[int] = None
-    """Decoder heads; null keeps the size table's value (MAGE: 16)."""
 
     def slots(self, cfg) -> int:
         """The class slots of the vocabulary."""
@@ -101,21 +115,16 @@ class MageConfig(TokenNetConfig):
             return self.class_slots
         return 1000 if self.unconditional else cfg.cond.num_classes + 1
 
-    def sizes(self, name: str) -> dict[str, int]:
-        """The size table's entry of model `name` with this section's overrides."""
-        table = SIZES[MaskedTokenTransformer.SIZES_OF.get(name, "T")]
-        return {k: getattr(self, k) if getattr(self, k) is not None else table[k] for k in SIZE_KEYS}
+    def size_table(self, name: str) -> dict[str, int]:
+        return SIZES[MaskedTokenTransformer.SIZES_OF.get(name, "T")]
 
     def validate(self, cfg) -> None:
         """Positive sizes, widths the heads divide, room for the labels and the fake class among the class slots."""
-        for key in SIZE_KEYS:
-            in_range(f"model.mage.{key}", getattr(self, key), 1, nullable=True)
-        s = self.sizes(cfg.model.name)
+        s = self.validate_token_options("model.mage", cfg.model.name)
         for prefix in ("", "decoder_"):
             check(s[f"{prefix}hidden_size"] % s[f"{prefix}num_heads"] == 0, f"model.mage.{prefix}hidden_size",
                   f"{s[f'{prefix}hidden_size']} is not divisible by {s[f'{prefix}num_heads']} heads")
         in_range("model.mage.class_slots", self.class_slots, 1, nullable=True)
-        self.validate_token_options("model.mage")
         slots = self.slots(cfg)
         if self.unconditional:
             check(0 <= self.fake_class_slot < slots, "model.mage.fake_class_slot",
