@@ -159,7 +159,7 @@ CASES = [
     ("one image for FID", evaluate, lambda d, r, i: [npz(d / "s.npz", np.zeros((1, 12, 12, 3), np.uint8)),
                                                      *scores()(d, i)], ["holds 1 image(s), and fid needs at least 2"]),
     ("a reference too small for k neighbours", evaluate, lambda d, r, i: [
-        pngs(d / "f", sizes=((12, 12),) * 5), *scores("eval.metrics=[pr]")(d, i)[:1], "eval.metrics=[pr]",
+        pngs(d / "f", sizes=((12, 12),) * 5), f"eval.inception_weights={i}", "eval.metrics=[pr]",
         f"eval.reference={npz(d / 'small.npz', np.zeros((3, 12, 12, 3), np.uint8))}"],
      ["small.npz holds 3 reference image(s), and pr needs at least 4 (eval.pr_k + 1)", "lower eval.pr_k"]),
     ("a reference folder too small for FID", evaluate, lambda d, r, i: [
